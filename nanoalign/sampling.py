@@ -1,0 +1,67 @@
+"""
+Batched generation with a KV cache: the inner loop of PPO, GRPO, online DPO, best-of-N and evaluation.
+
+Prompts of different lengths are left-padded so that every row's next token lands in the same slot;
+the model's attention mask and position ids make the padding invisible. Each step feeds one token
+per row through the cache. A row stops at its first EOS; its later slots are padding.
+"""
+import torch
+
+from nanoalign.core import pad
+from nanoalign.model import KVCache
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k largest logits and/or the smallest set whose probability reaches top_p; -inf the rest."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
+             generator=None):
+    """Sample a response for each prompt (a list of token-id lists).
+
+    Returns (tokens [B, N], mask [B, N]) with N <= max_new_tokens: mask is 1 on each response's real
+    tokens, including the EOS it sampled, and 0 on the padding after it. temperature=0 is greedy.
+    Sampling is in float32 from logits / temperature; score the tokens at the same temperature.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.transformer.wte.weight.device
+    idx, mask = pad(prompts, pad_id, left=True)
+    idx, mask = idx.to(device), mask.to(device)
+    B, Tp = idx.shape
+    if Tp + max_new_tokens > model.config.block_size:
+        max_new_tokens = model.config.block_size - Tp  # positions past block_size do not exist
+        if max_new_tokens <= 0:
+            raise ValueError(f"prompt of {Tp} tokens leaves no room in block_size {model.config.block_size}")
+    cache = KVCache(model.config, B, Tp + max_new_tokens, device)
+    logits = model.lm_head(model.body(idx, mask, cache)[:, -1])
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        logits = logits.float()
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = nxt.masked_fill(done, pad_id)
+        out[:, n - 1], out_mask[:, n - 1] = nxt, ~done
+        done = done | (nxt == eos_id)
+        if bool(done.all()) or n == max_new_tokens:
+            break
+        logits = model.lm_head(model.body(nxt[:, None], ones, cache)[:, -1])
+    model.train(was_training)
+    return out[:, :n], out_mask[:, :n]

@@ -1,0 +1,178 @@
+"""
+The built-in offline task: chain addition, with a hidden gold scorer.
+
+A prompt is 3 to 6 digits to add, e.g. "4+7+2+9". A good response adds them one step at a time,
+each step "running total + next digit = new total", steps ended by ";", then the answer after "#":
+
+    4+7=11;11+2=13;13+9=22;#22
+
+Everything a post-training pipeline needs comes from a seed, with no download:
+- SFT demonstrations come from a *noisy demonstrator*: it slips on a step with probability p_err
+  (an arithmetic slip, or adding the wrong digit) and carries the slip on, like a careless human.
+  A model that imitates it well is right on about half the prompts when sampled: partial competence,
+  with headroom that preference learning and RL can close, because the correct step is always the
+  demonstrator's most likely one.
+- `gold(prompt, response)`: the hidden truth, 0.5 * [final answer correct] + 0.5 * fraction of the
+  k-1 steps done correctly. Learned reward models are measured against it; it is never trained on.
+- Preference pairs: two demonstrator samples per prompt, labelled by the gold scorer with
+  Bradley-Terry noise: P(a preferred) = sigmoid((gold(a) - gold(b)) / label_temp). Ties are coin flips.
+- Unpaired feedback (KTO): a sample labelled desirable with probability sigmoid((gold - 0.75) / label_temp).
+- `verify(prompt, response)`: the exact checker, 1.0 iff the final answer is the true sum (GRPO).
+- `step_labels(prompt, response)`: per-step correctness (process reward models).
+- Splits are by prompt (a hash of its text): no test prompt is ever seen in training.
+"""
+import math
+import random
+import re
+import zlib
+
+import torch
+
+from nanoalign.sampling import generate
+
+MIN_DIGITS, MAX_DIGITS = 3, 6
+P_ERR = 0.15  # the demonstrator's slip rate per step
+LABEL_TEMP = 0.1  # Bradley-Terry temperature of the gold-derived preference labels
+MAX_NEW_TOKENS = 64  # longest correct response is 44 bytes
+
+
+def split_of(prompt):
+    h = zlib.crc32(prompt.encode()) % 10
+    return "test" if h == 0 else "val" if h == 1 else "train"
+
+
+def sample_prompt(rng, split):
+    while True:
+        digits = [rng.randrange(10) for _ in range(rng.randint(MIN_DIGITS, MAX_DIGITS))]
+        prompt = "+".join(map(str, digits))
+        if split_of(prompt) == split:
+            return prompt
+
+
+def digits_of(prompt):
+    return [int(d) for d in prompt.split("+")]
+
+
+def demonstrate(prompt, rng, p_err=P_ERR):
+    """A response from the noisy demonstrator (p_err=0: always correct)."""
+    digits = digits_of(prompt)
+    total, steps = digits[0], []
+    for d in digits[1:]:
+        b, c = d, total + d
+        if rng.random() < p_err:
+            if rng.random() < 0.5:
+                c = max(0, c + rng.choice([-2, -1, 1, 2]))  # arithmetic slip
+            else:
+                b = rng.choice([x for x in range(10) if x != d])  # added the wrong digit
+                c = total + b
+        steps.append(f"{total}+{b}={c}")
+        total = c
+    return ";".join(steps) + f";#{total}"
+
+
+STEP = re.compile(r"(\d+)\+(\d+)=(\d+)")
+ANSWER = re.compile(r"#(\d+)")
+
+
+def parse(response):
+    """-> (list of step strings, answer string or None). The answer must end the response."""
+    parts = response.split(";")
+    answer = ANSWER.fullmatch(parts[-1])
+    return (parts[:-1], answer.group(1)) if answer else (parts, None)
+
+
+def step_labels(prompt, response):
+    """Correctness of each written step: step i must be (previous written total) + digit i+1 = their sum."""
+    digits = digits_of(prompt)
+    steps, _ = parse(response)
+    labels, total = [], digits[0]
+    for i, s in enumerate(steps):
+        m = STEP.fullmatch(s)
+        ok = bool(m) and i + 1 < len(digits) and int(m.group(1)) == total and int(m.group(2)) == digits[i + 1] \
+            and int(m.group(3)) == int(m.group(1)) + int(m.group(2))
+        labels.append(ok)
+        total = int(m.group(3)) if m else -1
+    return labels
+
+
+def verify(prompt, response):
+    """1.0 iff the response ends with the correct final answer "#<sum>"."""
+    _, answer = parse(response)
+    return float(answer is not None and int(answer) == sum(digits_of(prompt)))
+
+
+def gold(prompt, response):
+    """The hidden gold score in [0, 1]: half for the final answer, half for the steps (extra steps cost)."""
+    labels = step_labels(prompt, response)
+    n = len(digits_of(prompt)) - 1
+    steps = max(0.0, (sum(labels) - max(0, len(labels) - n)) / n)
+    return 0.5 * verify(prompt, response) + 0.5 * steps
+
+
+def sft_records(n, seed=0, split="train"):
+    rng = random.Random(f"sft-{seed}-{split}")
+    out = []
+    for _ in range(n):
+        p = sample_prompt(rng, split)
+        out.append({"prompt": p, "response": demonstrate(p, rng)})
+    return out
+
+
+def preference_records(n, seed=0, split="train", p_err=2 * P_ERR, label_temp=LABEL_TEMP):
+    """Pairs of distinct demonstrator samples (at twice the slip rate, so pairs differ), gold-labelled
+    with Bradley-Terry noise."""
+    rng = random.Random(f"pref-{seed}-{split}")
+    out = []
+    while len(out) < n:
+        p = sample_prompt(rng, split)
+        a, b = demonstrate(p, rng, p_err), demonstrate(p, rng, p_err)
+        if a == b:
+            continue
+        p_a = 1 / (1 + math.exp(-(gold(p, a) - gold(p, b)) / label_temp))
+        chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+        out.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def unpaired_records(n, seed=0, split="train", p_err=2 * P_ERR, label_temp=LABEL_TEMP):
+    rng = random.Random(f"kto-{seed}-{split}")
+    out = []
+    for _ in range(n):
+        p = sample_prompt(rng, split)
+        c = demonstrate(p, rng, p_err)
+        label = rng.random() < 1 / (1 + math.exp(-(gold(p, c) - 0.75) / label_temp))
+        out.append({"prompt": p, "completion": c, "label": label})
+    return out
+
+
+def prompts(n, seed=0, split="test"):
+    rng = random.Random(f"prompts-{seed}-{split}")
+    return [sample_prompt(rng, split) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+def sample_responses(model, tok, prompt_texts, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, batch_size=64,
+                     generator=None, **kw):
+    """Sample one response per prompt. -> list of (text, ended_with_eos, n_tokens)."""
+    out = []
+    for i in range(0, len(prompt_texts), batch_size):
+        chunk = [tok.render_prompt([{"role": "user", "content": p}]) for p in prompt_texts[i:i + batch_size]]
+        ids, mask = generate(model, chunk, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature,
+                             generator=generator, **kw)
+        for row, m in zip(ids.tolist(), mask.sum(1).tolist()):
+            ended = m > 0 and row[m - 1] == tok.eos_id
+            out.append((tok.decode(row[:m]), ended, m))
+    return out
+
+
+def evaluate(model, tok, prompt_texts, temperature=1.0, seed=0, **kw):
+    """Gold score, pass rate, length and EOS rate of sampled responses. A response that never
+    emitted EOS is unfinished: it gets gold 0 and fails."""
+    g = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed)
+    samples = sample_responses(model, tok, prompt_texts, temperature=temperature, generator=g, **kw)
+    golds = [gold(p, t) if e else 0.0 for p, (t, e, _) in zip(prompt_texts, samples)]
+    passes = [verify(p, t) if e else 0.0 for p, (t, e, _) in zip(prompt_texts, samples)]
+    n = len(samples)
+    return {"gold": sum(golds) / n, "pass": sum(passes) / n, "length": sum(s[2] for s in samples) / n,
+            "eos": sum(s[1] for s in samples) / n}

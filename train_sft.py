@@ -1,0 +1,199 @@
+"""
+Supervised fine-tuning (SFT): train a GPT to produce the assistant turns of demonstrations.
+
+    python train_sft.py                                  # the built-in task, a ~1M-parameter model, CPU
+    python train_sft.py --data=alpaca.json --init_from=gpt2/ --device=cuda --compile=True
+
+The loss is the next-token cross-entropy on the completion only: tokens the chat template marks as
+assistant output (each reply and its closing EOS). Prompt tokens are context, never targets.
+
+Implementation details (a reader's checklist):
+1. Completion-only loss from the chat template's mask (`loss_mask[:, 1:]` lines up with targets `ids[:, 1:]`).
+2. Loss aggregation: the mean over all completion tokens of the optimizer step. Each micro-batch adds
+   sum(token NLL) / (completion tokens of the whole step), so gradient accumulation gives exactly the
+   gradient of the full batch, however it is split.
+3. Right padding, so the model needs no attention mask (causal attention never looks right) and
+   padding is simply outside the loss mask.
+4. A step's examples depend only on (seed, step): resuming from a checkpoint is exact.
+5. AdamW (no weight decay on biases/LayerNorm), linear warmup + cosine decay, gradient clipping.
+6. AMP: bf16 autocast on GPUs that have it, else fp16 with a GradScaler; float32 on CPU by default.
+7. Evaluation samples responses to held-out prompts (split by prompt) and scores them with the
+   built-in task's gold scorer; `summary.json` has the start and final scores.
+
+Logged metrics (metrics.jsonl, one JSON object per line):
+  loss        completion-token cross-entropy of the step (nats/token)
+  lr          learning rate of the step;  grad_norm: gradient norm before clipping
+  tok_per_s   completion + prompt tokens processed per second
+  val_loss    the same cross-entropy on held-out demonstrations
+  gold        mean gold score (0..1) of responses sampled at temperature 1 on held-out prompts
+  pass        fraction of those responses with the correct final answer
+  length      mean response length in tokens;  eos: fraction of responses that ended with EOS
+"""
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanoalign import data, task
+from nanoalign.core import pad, token_logprobs
+from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, save_checkpoint,
+                             setup_device, step_generator, write_json)
+
+# ---- config (override with --key=value or a config file; --help lists them)
+out_dir = "out/sft"  # checkpoint, metrics.jsonl and summary.json go here
+data_path = "builtin"  # "builtin" (the offline task) or an SFT file (JSON/JSONL: prompt/response or messages)
+n_train = 20000  # builtin: number of training demonstrations generated
+val_frac = 0.05  # file data: fraction of records held out for val_loss (by position, after a seeded shuffle)
+on_error = "raise"  # malformed records: "raise" (error naming file:line) or "skip" (counted, reported)
+truncate = "skip"  # sequences longer than block_size: "skip" (counted), "raise", or "left" (cut the prompt's start)
+init_from = "scratch"  # "scratch", a nanoalign checkpoint (.pt), or a GPT-2 directory (config.json + weights)
+tokenizer = "byte"  # for scratch models: "byte", "gpt2" (tiktoken's), or "gpt2:/path/to/gpt2.tiktoken"
+n_layer = 4  # scratch model: transformer blocks
+n_head = 4  # scratch model: attention heads
+n_embd = 128  # scratch model: width
+block_size = 128  # scratch model: context length
+dropout = 0.0  # scratch model: dropout
+batch_size = 32  # sequences per micro-batch
+grad_accum = 2  # micro-batches per optimizer step
+max_steps = 900  # optimizer steps
+lr = 3e-3  # peak learning rate
+min_lr = 3e-4  # learning rate at the end of the cosine decay
+warmup_steps = 50  # linear warmup steps
+lr_decay_steps = 0  # steps of the cosine schedule (0: max_steps)
+weight_decay = 0.1  # AdamW weight decay (matrices only)
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.99  # AdamW beta2
+grad_clip = 1.0  # clip the gradient norm to this (0: off)
+eval_interval = 300  # steps between evaluations
+n_eval = 256  # held-out prompts sampled per evaluation (and for summary.json)
+log_interval = 10  # steps between metrics.jsonl lines
+ckpt_interval = 300  # steps between checkpoints (one is always written at the end)
+resume = False  # continue from <out_dir>/ckpt.pt (model, optimizer, step)
+seed = 1337  # seeds data, initialisation and evaluation sampling
+device = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
+compile = False  # torch.compile the model for training
+# ---- end config
+config = configure(globals())
+os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)
+device, autocast, scaler = setup_device(device, dtype)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+resuming = resume and os.path.exists(ckpt_path)
+
+# -------------------------------------------------------------------------- model and tokenizer
+if resuming:
+    model, tok, ckpt = load_checkpoint(ckpt_path, device)
+else:
+    model, tok = init_model(init_from, tokenizer, dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                                        block_size=block_size, dropout=dropout), device)
+print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, context {model.config.block_size}")
+
+# -------------------------------------------------------------------------- data
+if data_path == "builtin":
+    train_convs = data.normalise(task.sft_records(n_train, seed), "sft", "builtin-train")
+    val_convs = data.normalise(task.sft_records(512, seed, split="val"), "sft", "builtin-val")
+else:
+    convs, _ = data.load(data_path, "sft", on_error)
+    order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(len(convs) * val_frac))
+    val_convs, train_convs = [convs[i] for i in order[:n_val]], [convs[i] for i in order[n_val:]]
+train_set = data.tokenize_sft(tok, train_convs, model.config.block_size, truncate, "train")
+val_set = data.tokenize_sft(tok, val_convs, model.config.block_size, truncate, "val")[:512]
+print(f"data: {len(train_set)} train and {len(val_set)} val conversations from {data_path}")
+eval_prompts = task.prompts(n_eval, seed, split="val")  # periodic evaluation
+test_prompts = task.prompts(n_eval, seed, split="test")  # summary.json
+
+
+def sft_loss(model, examples, n_target_tokens):
+    """Sum of completion-token NLL over `examples`, divided by the step's total completion tokens."""
+    ids, _ = pad([e[0] for e in examples], tok.pad_id)
+    loss_mask, _ = pad([e[1] for e in examples], 0)
+    ids, loss_mask = ids.to(device), loss_mask.to(device)
+    with autocast:
+        logits = model(ids)  # right padding: no attention mask needed
+    nll = -token_logprobs(logits[:, :-1], ids[:, 1:])  # float32
+    return (nll * loss_mask[:, 1:]).sum() / n_target_tokens
+
+
+@torch.no_grad()
+def evaluate(step):
+    model.eval()
+    total, n = 0.0, sum(sum(m[1:]) for _, m in val_set)
+    for i in range(0, len(val_set), batch_size):
+        total += sft_loss(train_model, val_set[i:i + batch_size], n).item()
+    metrics = {"step": step, "val_loss": total}
+    if data_path == "builtin":  # the gold scorer exists for the built-in task only
+        metrics.update(task.evaluate(model, tok, eval_prompts, seed=seed))
+    model.train()
+    return metrics
+
+
+# -------------------------------------------------------------------------- optimizer, resume
+optimizer = model.configure_optimizer(weight_decay, lr, (beta1, beta2), "cuda" if "cuda" in device else "cpu")
+start_step, start_eval = 0, None
+if resuming:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    start_step, start_eval = ckpt["step"], ckpt["start_eval"]
+    torch.set_rng_state(ckpt["rng"])
+    print(f"resumed from {ckpt_path} at step {start_step}")
+train_model = torch.compile(model) if compile else model  # sampling and saving use the uncompiled `model`
+decay_steps = lr_decay_steps or max_steps
+logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
+
+
+def save(step):
+    save_checkpoint(ckpt_path, model, tok, optimizer=optimizer.state_dict(), step=step, config=config,
+                    start_eval=start_eval, rng=torch.get_rng_state())
+
+
+# -------------------------------------------------------------------------- training loop
+if start_eval is None and data_path == "builtin":
+    start_eval = task.evaluate(model, tok, test_prompts, seed=seed)
+    print(f"start: held-out gold {start_eval['gold']:.3f}, pass {start_eval['pass']:.3f}")
+model.train()
+t0, tokens, last_eval = time.time(), 0, None
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="sft")
+for step in bar:
+    # 1) the step's examples, split into micro-batches; the loss normaliser is the whole step's count
+    picks = torch.randint(len(train_set), (batch_size * grad_accum,), generator=step_generator(seed, step)).tolist()
+    examples = [train_set[i] for i in picks]
+    n_target = sum(sum(m[1:]) for _, m in examples)
+    for g in optimizer.param_groups:
+        g["lr"] = cosine_lr(step, lr, warmup_steps, decay_steps, min_lr)
+    # 2) forward/backward each micro-batch, accumulating gradients
+    loss_sum = 0.0
+    for micro in range(grad_accum):
+        loss = sft_loss(train_model, examples[micro * batch_size:(micro + 1) * batch_size], n_target)
+        scaler.scale(loss).backward()
+        loss_sum += loss.item()
+    # 3) clip and step
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    tokens += sum(len(e[0]) for e in examples)
+    bar.set_postfix(loss=f"{loss_sum:.3f}")
+    done = step + 1
+    if done % log_interval == 0 or done == max_steps:
+        logger.log(step=done, loss=loss_sum, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
+                   tok_per_s=tokens / (time.time() - t0), elapsed_s=time.time() - t0)
+    if done % eval_interval == 0 or done == max_steps:
+        metrics = last_eval = evaluate(done)
+        logger.log(**metrics)
+        bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    if done % ckpt_interval == 0 or done == max_steps:
+        save(done)
+
+# -------------------------------------------------------------------------- summary
+summary = {"steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
+           "val_loss": (last_eval or evaluate(max_steps))["val_loss"]}
+if data_path == "builtin":
+    final_eval = task.evaluate(model, tok, test_prompts, seed=seed)
+    summary.update({"n_test_prompts": len(test_prompts), "start": start_eval, "final": final_eval})
+    print(f"held-out gold: start {start_eval['gold']:.3f} -> final {final_eval['gold']:.3f}; "
+          f"pass: {start_eval['pass']:.3f} -> {final_eval['pass']:.3f}")
+write_json(os.path.join(out_dir, "summary.json"), summary)
+print(f"wrote {ckpt_path} and {os.path.join(out_dir, 'summary.json')}")
