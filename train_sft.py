@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from nanoalign import data, task
 from nanoalign.core import pad, token_logprobs
+from nanoalign.losses import sft_loss
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, save_checkpoint,
                              setup_device, step_generator, write_json)
 
@@ -106,15 +107,15 @@ eval_prompts = task.prompts(n_eval, seed, split="val")  # periodic evaluation
 test_prompts = task.prompts(n_eval, seed, split="test")  # summary.json
 
 
-def sft_loss(model, examples, n_target_tokens):
-    """Sum of completion-token NLL over `examples`, divided by the step's total completion tokens."""
+def batch_loss(model, examples, n_target_tokens):
+    """SFT loss of some examples: their completion-token NLL summed, / the step's completion tokens."""
     ids, _ = pad([e[0] for e in examples], tok.pad_id)
     loss_mask, _ = pad([e[1] for e in examples], 0)
     ids, loss_mask = ids.to(device), loss_mask.to(device)
     with autocast:
         logits = model(ids)  # right padding: no attention mask needed
-    nll = -token_logprobs(logits[:, :-1], ids[:, 1:])  # float32
-    return (nll * loss_mask[:, 1:]).sum() / n_target_tokens
+    logps = token_logprobs(logits[:, :-1], ids[:, 1:])  # float32; logits[t] predicts ids[t + 1]
+    return sft_loss(logps, loss_mask[:, 1:], n_target_tokens)
 
 
 @torch.no_grad()
@@ -122,7 +123,7 @@ def evaluate(step):
     model.eval()
     total, n = 0.0, sum(sum(m[1:]) for _, m in val_set)
     for i in range(0, len(val_set), batch_size):
-        total += sft_loss(train_model, val_set[i:i + batch_size], n).item()
+        total += batch_loss(train_model, val_set[i:i + batch_size], n).item()
     metrics = {"step": step, "val_loss": total}
     if data_path == "builtin":  # the gold scorer exists for the built-in task only
         metrics.update(task.evaluate(model, tok, eval_prompts, seed=seed))
@@ -165,7 +166,7 @@ for step in bar:
     # 2) forward/backward each micro-batch, accumulating gradients
     loss_sum = 0.0
     for micro in range(grad_accum):
-        loss = sft_loss(train_model, examples[micro * batch_size:(micro + 1) * batch_size], n_target)
+        loss = batch_loss(train_model, examples[micro * batch_size:(micro + 1) * batch_size], n_target)
         scaler.scale(loss).backward()
         loss_sum += loss.item()
     # 3) clip and step

@@ -55,7 +55,7 @@ class Skips:
 def read_records(path, skips):
     """Yield (where, record) from a JSON array or JSONL file (optionally .gz); `where` is "file:line"."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         text = f.read()
     if text.lstrip().startswith("["):  # one JSON array
         try:
@@ -73,7 +73,7 @@ def read_records(path, skips):
             line += text.count("\n", pos, end)
             pos = end
         return
-    for i, raw in enumerate(text.splitlines(), 1):
+    for i, raw in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold raw U+2028 etc.
         if not raw.strip():
             continue
         try:
@@ -227,6 +227,8 @@ def normalise(records, kind, name="records"):
 
 def fit(ids, mask, limit, truncate, where, skips):
     """Apply the truncation policy to one rendered example; None if it is skipped."""
+    if truncate not in ("skip", "raise", "left"):
+        raise ValueError(f"truncate must be 'skip', 'raise' or 'left', not {truncate!r}")
     if len(ids) <= limit:
         return ids, mask
     first_trained = mask.index(1) if 1 in mask else len(mask)

@@ -15,3 +15,15 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0):
     Example: r_c = 2.0, r_r = 0.5 -> P = sigmoid(1.5) = 0.818, loss = 0.201.
     """
     return -F.logsigmoid(r_chosen - r_rejected - margin)
+
+
+def sft_loss(logps, loss_mask, n_tokens):
+    """Completion-only cross-entropy, token-level aggregation:
+
+        loss = -sum_{t: mask_t = 1} log p(y_t | y_<t) / n_tokens
+
+    `logps`, `loss_mask`: [B, T] per-token log-probs of the targets and the mask of trained tokens.
+    `n_tokens` is the number of trained tokens in the whole optimizer step, not in this micro-batch:
+    then the micro-batch losses of a step add up to the full batch's mean, and so do their gradients.
+    """
+    return -(logps * loss_mask).sum() / n_tokens

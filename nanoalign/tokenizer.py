@@ -19,8 +19,10 @@ always come from lengths, so its value never matters, but it is never mistaken f
 Message text is encoded as ordinary text: a "<|end|>" typed by a user is just characters.
 """
 import base64
+import hashlib
 
 import tiktoken
+import tiktoken.load  # a submodule `import tiktoken` does not load
 
 SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -80,6 +82,11 @@ def load_tiktoken_ranks(path):
     return ranks
 
 
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def gpt2_tokenizer(path=None):
     """GPT-2's BPE. `path`: None for tiktoken's `gpt2` (downloads once, then cached), a `.tiktoken` file,
     or a directory / `encoder.json` path with `encoder.json` and `vocab.bpe` side by side."""
@@ -91,7 +98,11 @@ def gpt2_tokenizer(path=None):
         folder = path[: -len("encoder.json")] if path.endswith("encoder.json") else path.rstrip("/") + "/"
         # tiktoken's converter reorders GPT-2's byte-to-unicode alphabet into raw bytes and checks that
         # the resulting ranks equal encoder.json's ids.
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(folder + "vocab.bpe", folder + "encoder.json")
+        # It reads through tiktoken's file cache, keyed by path only: pass the files' hashes so that a
+        # stale cached copy of an earlier file at the same path is re-read, not used.
+        bpe_file, json_file = folder + "vocab.bpe", folder + "encoder.json"
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(bpe_file, json_file, vocab_bpe_hash=_sha256(bpe_file),
+                                                              encoder_json_hash=_sha256(json_file))
     specials = {"<|endoftext|>": 50256}
     specials.update({s: 50257 + i for i, s in enumerate(SPECIALS)})
     enc = tiktoken.Encoding("nanoalign-gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
