@@ -7,11 +7,11 @@ each step "running total + next digit = new total", steps ended by ";", then the
     4+7=11;11+2=13;13+9=22;#22
 
 Everything a post-training pipeline needs comes from a seed, with no download:
-- SFT demonstrations come from a *noisy demonstrator*: it slips on a step with probability p_err
-  (an arithmetic slip, or adding the wrong digit) and carries the slip on, like a careless human.
-  A model that imitates it well is right on about half the prompts when sampled: partial competence,
-  with headroom that preference learning and RL can close, because the correct step is always the
-  demonstrator's most likely one.
+- SFT demonstrations come from a *flawed demonstrator*, like a careless human with a habit:
+  it slips on a step with probability p_err (an arithmetic slip, or adding the wrong digit), and it
+  has a blind spot: adding a 9, it usually (p_blind = 60%) adds 8. Either way it carries the error on.
+  A model that imitates it is right on about half the prompts when sampled, and even its greedy
+  answer inherits the blind spot: imitation cannot beat the demonstrator, feedback can.
 - `gold(prompt, response)`: the hidden truth, 0.5 * [final answer correct] + 0.5 * fraction of the
   k-1 steps done correctly. Learned reward models are measured against it; it is never trained on.
 - Preference pairs: two demonstrator samples per prompt, labelled by the gold scorer with
@@ -31,7 +31,8 @@ import torch
 from nanoalign.sampling import generate
 
 MIN_DIGITS, MAX_DIGITS = 3, 6
-P_ERR = 0.15  # the demonstrator's slip rate per step
+P_ERR = 0.1  # the demonstrator's random slip rate per step
+P_BLIND = 0.6  # how often the demonstrator adds 8 when it should add 9
 LABEL_TEMP = 0.1  # Bradley-Terry temperature of the gold-derived preference labels
 MAX_NEW_TOKENS = 64  # longest correct response is 44 bytes
 
@@ -53,13 +54,15 @@ def digits_of(prompt):
     return [int(d) for d in prompt.split("+")]
 
 
-def demonstrate(prompt, rng, p_err=P_ERR):
-    """A response from the noisy demonstrator (p_err=0: always correct)."""
+def demonstrate(prompt, rng, p_err=P_ERR, p_blind=P_BLIND):
+    """A response from the flawed demonstrator (p_err=p_blind=0: always correct)."""
     digits = digits_of(prompt)
     total, steps = digits[0], []
     for d in digits[1:]:
         b, c = d, total + d
-        if rng.random() < p_err:
+        if d == 9 and rng.random() < p_blind:
+            c = total + 8  # the blind spot: writes "+9" but adds 8
+        elif rng.random() < p_err:
             if rng.random() < 0.5:
                 c = max(0, c + rng.choice([-2, -1, 1, 2]))  # arithmetic slip
             else:

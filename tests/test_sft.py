@@ -152,3 +152,32 @@ def test_train_sft_on_a_file(tmp_path):
     run_sft(tmp_path / "f", f"--data_path={path}", "--max_steps=2")
     summary = json.load(open(tmp_path / "f" / "summary.json"))
     assert "val_loss" in summary and "final" not in summary
+
+
+def test_train_sft_from_a_gpt2_checkpoint(tmp_path):
+    """init_from=<GPT-2 dir> with a gpt2:<file> tokenizer: the published layout is loaded, the vocabulary
+    grows by the chat special tokens, and training runs. (Tiny random weights and a bytes-only rank file.)"""
+    import base64
+    from nanoalign.model import write_safetensors
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    C, V, P = 8, 50257, 64
+    json.dump({"vocab_size": V, "n_positions": P, "n_embd": C, "n_layer": 1, "n_head": 2}, open(gpt2 / "config.json", "w"))
+    g = torch.Generator().manual_seed(0)
+    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for name, shape in {"ln_1": (C,), "ln_2": (C,)}.items():
+        shapes.update({f"h.0.{name}.weight": shape, f"h.0.{name}.bias": shape})
+    shapes.update({"h.0.attn.c_attn.weight": (C, 3 * C), "h.0.attn.c_attn.bias": (3 * C,),  # Conv1D: [in, out]
+                   "h.0.attn.c_proj.weight": (C, C), "h.0.attn.c_proj.bias": (C,),
+                   "h.0.mlp.c_fc.weight": (C, 4 * C), "h.0.mlp.c_fc.bias": (4 * C,),
+                   "h.0.mlp.c_proj.weight": (4 * C, C), "h.0.mlp.c_proj.bias": (C,)})
+    write_safetensors({k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}, gpt2 / "model.safetensors")
+    ranks = tmp_path / "bytes.tiktoken"
+    ranks.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(20)))
+    run_sft(tmp_path / "out", f"--init_from={gpt2}", f"--tokenizer=gpt2:{ranks}", f"--data_path={sft}",
+            "--max_steps=2")
+    model, tok, _ = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
+    assert model.config.vocab_size == tok.n_vocab == 50262 and tok.eos_id == 50260
+    assert tok.spec == {"kind": "gpt2", "path": str(ranks)}

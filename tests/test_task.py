@@ -113,13 +113,13 @@ def test_three_digit_prompt_hand_case():
 # ------------------------------------------------------------------------------ demonstrator
 
 def test_demonstrate_without_errors_is_always_correct():
-    """demonstrate(p_err=0) is always fully correct (gold 1) and has one step per added digit."""
+    """demonstrate(p_err=0, p_blind=0) is always fully correct (gold 1) and has one step per added digit."""
     rng = random.Random(0)
     for p in task.prompts(500, seed=3, split="train") + task.prompts(100, seed=3, split="test"):
-        r = task.demonstrate(p, rng, p_err=0)
+        r = task.demonstrate(p, rng, p_err=0, p_blind=0)
         assert task.gold(p, r) == 1.0, (p, r)
         assert len(task.step_labels(p, r)) == len(task.digits_of(p)) - 1
-    assert task.demonstrate(P, rng, p_err=0) == CORRECT
+    assert task.demonstrate(P, rng, p_err=0, p_blind=0) == CORRECT
 
 
 def test_demonstrate_default_pass_rate():
@@ -220,6 +220,16 @@ def test_records_pass_normalise():
 
 def test_correct_responses_fit_in_max_new_tokens():
     """The longest correct response (6 digits of 9) fits in MAX_NEW_TOKENS byte tokens with its EOS."""
-    r = task.demonstrate("9+9+9+9+9+9", random.Random(0), p_err=0)
+    r = task.demonstrate("9+9+9+9+9+9", random.Random(0), p_err=0, p_blind=0)
     assert r == "9+9=18;18+9=27;27+9=36;36+9=45;45+9=54;#54"
     assert len(r) + 1 <= task.MAX_NEW_TOKENS
+
+
+def test_demonstrator_blind_spot_adds_8_for_9():
+    """With p_blind=1 and no random slips every "+9" step adds 8; steps adding other digits are right."""
+    r = task.demonstrate("3+9+2", random.Random(0), p_err=0, p_blind=1.0)
+    assert r == "3+9=11;11+2=13;#13"
+    assert task.step_labels("3+9+2", r) == [False, True]
+    rng = random.Random(0)
+    rate = sum(task.demonstrate("3+9", rng, p_err=0) == "3+9=11;#11" for _ in range(2000)) / 2000
+    assert abs(rate - task.P_BLIND) < 0.04
