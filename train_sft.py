@@ -38,8 +38,8 @@ from tqdm import tqdm
 from nanoalign import data, task
 from nanoalign.core import pad, token_logprobs
 from nanoalign.losses import sft_loss
-from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, save_checkpoint,
-                             setup_device, step_generator, write_json)
+from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
+                             save_checkpoint, setup_device, step_generator, write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/sft"  # checkpoint, metrics.jsonl and summary.json go here
@@ -170,11 +170,7 @@ for step in bar:
         scaler.scale(loss).backward()
         loss_sum += loss.item()
     # 3) clip and step
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")).item()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(model, optimizer, scaler, grad_clip)
     tokens += sum(len(e[0]) for e in examples)
     bar.set_postfix(loss=f"{loss_sum:.3f}")
     done = step + 1

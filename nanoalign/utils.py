@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 import torch
 
+from nanoalign.heads import ScalarModel
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.tokenizer import get_tokenizer
 
@@ -100,6 +101,16 @@ def cosine_lr(step, lr, warmup_steps, decay_steps, min_lr):
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale (fp16), clip the gradient norm (0: no clipping), step, zero. Returns the norm before clipping."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def step_generator(seed, step):
     """The RNG of one optimizer step: a batch depends only on (seed, step), so resuming is exact and
     batch_size x grad_accum can be split any way without changing which examples a step sees."""
@@ -112,15 +123,20 @@ def save_checkpoint(path, model, tok, **extra):
     """model + its config + the tokenizer spec (+ optimizer, step, config, ... in `extra`).
     Written to a temporary file and renamed, so an interrupted save never leaves a broken checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    state = {"model": model.state_dict(), "model_config": asdict(model.config), "tokenizer": tok.spec, **extra}
+    kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
+    state = {"model": model.state_dict(), "model_config": asdict(model.config), "tokenizer": tok.spec, "kind": kind,
+             **extra}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (model, tokenizer, checkpoint dict). weights_only=True: loading a checkpoint cannot run code."""
+    """-> (model, tokenizer, checkpoint dict): a GPT, or a ScalarModel for reward/value checkpoints.
+    weights_only=True: loading a checkpoint cannot run code."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model = GPT(GPTConfig(**ckpt["model_config"]))
+    if ckpt.get("kind") == "scalar":
+        model = ScalarModel(model)
     model.load_state_dict(ckpt["model"])
     return model.to(device), get_tokenizer(ckpt["tokenizer"]), ckpt
 
