@@ -155,12 +155,14 @@ def prompts(n, seed=0, split="test"):
 
 # ------------------------------------------------------------------------------ evaluation
 
-def sample_responses(model, tok, prompt_texts, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, batch_size=64,
+def sample_responses(model, tok, prompts, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, batch_size=64,
                      generator=None, **kw):
-    """Sample one response per prompt. -> list of (text, ended_with_eos, n_tokens)."""
+    """Sample one response per prompt (a user message string, or a list of chat messages).
+    -> list of (text, ended_with_eos, n_tokens)."""
     out = []
-    for i in range(0, len(prompt_texts), batch_size):
-        chunk = [tok.render_prompt([{"role": "user", "content": p}]) for p in prompt_texts[i:i + batch_size]]
+    for i in range(0, len(prompts), batch_size):
+        chunk = [tok.render_prompt([{"role": "user", "content": p}] if isinstance(p, str) else p)
+                 for p in prompts[i:i + batch_size]]
         ids, mask = generate(model, chunk, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature,
                              generator=generator, **kw)
         for row, m in zip(ids.tolist(), mask.sum(1).tolist()):

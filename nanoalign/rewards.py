@@ -1,0 +1,67 @@
+"""
+Judges: turning (prompt, response) texts into scores with outcome and process reward models, and
+best-of-N selection.
+
+A prompt is a list of chat messages; a response is the assistant's text. Every scored sequence is
+`render_prompt(prompt) + encode(response) + [EOS]`, so the outcome reward is read at the EOS token.
+"""
+import re
+
+import torch
+
+from nanoalign.core import pad
+
+
+def response_tokens(tok, prompt, response):
+    """-> (ids, mask): prompt + response + EOS, mask 1 on the response and its EOS."""
+    p, r = tok.render_prompt(prompt), tok.encode(response) + [tok.eos_id]
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+def step_tokens(tok, prompt, response, sep=";"):
+    """Tokenise prompt + response step by step. -> (ids, positions): positions[i] is the index of the
+    last token of step i ("...;"), where a process reward model reads that step's score. Encoding each
+    step separately keeps step boundaries on token boundaries for any tokenizer."""
+    ids, positions = tok.render_prompt(prompt), []
+    for chunk in re.split(f"(?<={re.escape(sep)})", response):
+        ids += tok.encode(chunk)
+        if chunk.endswith(sep):
+            positions.append(len(ids) - 1)
+    return ids + [tok.eos_id], positions
+
+
+@torch.no_grad()
+def outcome_scores(rm, tok, prompts, responses, batch_size=64):
+    """Normalised reward of each (prompt, response), read at its EOS. -> float32 tensor [N].
+    A sequence longer than the context loses the start of its prompt (a judge must score everything)."""
+    device, out, T = rm.head.weight.device, [], rm.config.block_size
+    for i in range(0, len(prompts), batch_size):
+        seqs = [response_tokens(tok, p, r)[0][-T:] for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        ids, mask = pad(seqs, tok.pad_id)
+        out.append(rm.reward(ids.to(device), mask.to(device)).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def step_scores(prm, tok, prompts, responses, batch_size=64):
+    """P(step correct) for each step of each response, from a process reward model. -> list of [S_i] tensors."""
+    device, out = prm.head.weight.device, []
+    for i in range(0, len(prompts), batch_size):
+        items = [step_tokens(tok, p, r) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        ids, mask = pad([it[0] for it in items], tok.pad_id)
+        logits = prm(ids.to(device), mask.to(device)).cpu()
+        out += [torch.sigmoid(logits[j, pos]) for j, (_, pos) in enumerate(items)]
+    return out
+
+
+def process_score(step_probs, reduce="min"):
+    """A response's score from its step probabilities: the weakest step ("min") or all of them ("prod").
+    A response with no step scores 0."""
+    if len(step_probs) == 0:
+        return 0.0
+    return float(step_probs.min() if reduce == "min" else step_probs.prod())
+
+
+def best_of_n(scores):
+    """Index of the best of N candidates for each prompt. [P, N] scores -> [P]. Ties: the first."""
+    return torch.as_tensor(scores).argmax(-1)

@@ -1,0 +1,246 @@
+"""
+Reward models: an outcome reward model (Bradley-Terry on preference pairs) or a process reward model
+(per-step correctness), both a GPT body with a scalar head, measured against the gold scorer.
+
+    python train_rm.py                                   # outcome RM from out/sft/ckpt.pt, built-in pairs
+    python train_rm.py --kind=process --out_dir=out/prm  # process RM on the built-in task's step labels
+    python train_rm.py --data_path=hh.jsonl.gz --init_from=gpt2/ --device=cuda
+
+Implementation details:
+1. The RM is the SFT model's body plus a linear head (zero-initialised: the first loss is log 2); the
+   language-model head is unused.
+2. Outcome: chosen and rejected sequences go through ONE forward (stacked on the batch axis), and each
+   reward is read at the sequence's last real token, the EOS (`core.gather_last`, mask from lengths).
+3. Loss: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2, the mean over pairs.
+   `margin` is a constant, or per pair from a "margin" field in the data.
+4. Process: the scalar at the last token of each step ("...;") is the logit of "this step is correct";
+   binary cross-entropy against the task's step checker, the mean over all steps of the batch.
+5. Evaluation on held-out pairs: accuracy against their (noisy) labels and against the gold scorer on
+   pairs whose gold scores differ. The process RM ranks a response by its weakest step.
+6. Normalisation (outcome RM): after training, rewards of the SFT policy's own samples on training
+   prompts are standardised, reward = gain * raw + bias with mean 0 and std 1; gain and bias are
+   saved in the checkpoint, so PPO reads rewards on a known scale.
+
+Logged metrics (metrics.jsonl):
+  loss, lr, grad_norm       training loss of the step, learning rate, gradient norm before clipping
+  acc, margin               (outcome) fraction of pairs with r_c > r_r in the batch, mean r_c - r_r
+  step_acc                  (process) fraction of steps classified correctly in the batch
+  eval/acc_labels           held-out: fraction of pairs ranked as their label says
+  eval/acc_gold             held-out: fraction of non-tied pairs ranked as the gold scorer does
+  eval/chosen_mean, eval/chosen_std, eval/rejected_mean, eval/rejected_std, eval/margin
+                            held-out reward statistics (outcome)
+  eval/step_acc             held-out step classification accuracy (process)
+"""
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanoalign import data, task
+from nanoalign.core import gather_last, pad
+from nanoalign.heads import ScalarModel
+from nanoalign.losses import bradley_terry_loss, process_reward_loss
+from nanoalign.rewards import outcome_scores, process_score, response_tokens, step_scores, step_tokens
+from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
+                             save_checkpoint, setup_device, step_generator, write_json)
+
+# ---- config (override with --key=value or a config file; --help lists them)
+out_dir = "out/rm"  # checkpoint, metrics.jsonl and summary.json go here
+kind = "outcome"  # "outcome" (Bradley-Terry on pairs) or "process" (per-step correctness, built-in task only)
+init_from = "out/sft/ckpt.pt"  # the SFT checkpoint (.pt) or a GPT-2 directory the RM starts from
+tokenizer = "gpt2"  # for a GPT-2 directory: "gpt2" or "gpt2:/path/to/gpt2.tiktoken"
+data_path = "builtin"  # "builtin", or a preference file (prompt/chosen/rejected, or raw HH-RLHF) JSON/JSONL(.gz)
+n_train = 20000  # builtin: training pairs (outcome) or step-labelled responses (process)
+n_eval = 1000  # held-out pairs evaluated (builtin: test-split prompts; file: the val split)
+val_frac = 0.05  # file data: fraction of pairs held out
+on_error = "raise"  # malformed records: "raise" or "skip" (counted, reported)
+truncate = "skip"  # sequences longer than the context: "skip" (counted), "raise", or "left"
+margin = 0.0  # Bradley-Terry margin for pairs that carry no "margin" field
+center_coef = 0.0  # reward centering: + center_coef * mean((r_c + r_r)^2)
+batch_size = 32  # pairs (outcome) or responses (process) per step
+max_steps = 600  # optimizer steps
+lr = 1e-3  # peak learning rate
+min_lr = 1e-4  # learning rate at the end of the cosine decay
+warmup_steps = 30  # linear warmup steps
+weight_decay = 0.1  # AdamW weight decay (matrices only)
+grad_clip = 1.0  # clip the gradient norm to this (0: off)
+eval_interval = 200  # steps between evaluations
+log_interval = 10  # steps between metrics.jsonl lines
+normalize = True  # outcome: standardise rewards on the policy's own samples after training
+policy = ""  # the policy whose samples set the normalisation ("": init_from, if it is a checkpoint)
+n_norm = 512  # samples used for the normalisation
+seed = 1337  # seeds data and sampling
+device = "auto"  # "auto", "cpu", "cuda", ...
+dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
+compile = False  # torch.compile the model for training
+# ---- end config
+config = configure(globals())
+assert kind in ("outcome", "process"), kind
+if kind == "process" and data_path != "builtin":
+    raise SystemExit("the process reward model needs step labels: it trains on the built-in task only")
+os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)
+device, autocast, scaler = setup_device(device, dtype)
+user = lambda text: [{"role": "user", "content": text}]  # a built-in prompt as a conversation
+
+# -------------------------------------------------------------------------- model
+gpt, tok = init_model(init_from, tokenizer, {}, device)
+rm = ScalarModel(gpt).to(device)
+block = gpt.config.block_size
+print(f"{kind} reward model from {init_from}: {gpt.num_params() / 1e6:.2f}M parameters")
+
+# -------------------------------------------------------------------------- data
+if data_path == "builtin":
+    train_records = task.preference_records(n_train, seed) if kind == "outcome" else None
+    eval_pairs = data.normalise(task.preference_records(n_eval, seed, split="test"), "preference", "builtin-test")
+else:
+    pairs, _ = data.load(data_path, "preference", on_error)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(len(pairs) * val_frac))
+    eval_pairs, train_records = [pairs[i] for i in order[:n_val]][:n_eval], [pairs[i] for i in order[n_val:]]
+
+if kind == "outcome":
+    if data_path == "builtin":
+        train_records = data.normalise(train_records, "preference", "builtin-train")
+    skips, train_set = data.Skips("skip"), []
+    for i, r in enumerate(train_records):  # (chosen ids, rejected ids, margin); both must fit the context
+        c = data.fit(*response_tokens(tok, r["prompt"], r["chosen"]), block, truncate, f"pair {i}", skips)
+        rj = data.fit(*response_tokens(tok, r["prompt"], r["rejected"]), block, truncate, f"pair {i}", skips)
+        if c and rj:
+            train_set.append((c[0], rj[0], float(r.get("margin", margin))))
+    skips.report("train pairs")
+else:  # process: demonstrator samples (at twice the slip rate) with the step checker's labels
+    rng, train_set = random.Random(f"prm-{seed}"), []
+    for _ in range(n_train):
+        p = task.sample_prompt(rng, "train")
+        r = task.demonstrate(p, rng, 2 * task.P_ERR)
+        ids, pos = step_tokens(tok, user(p), r)
+        train_set.append((ids, pos, task.step_labels(p, r)))
+print(f"data: {len(train_set)} training examples, {len(eval_pairs)} held-out pairs")
+
+
+def prompt_text(pair):  # the built-in task's prompt string (gold needs it)
+    return pair["prompt"][-1]["content"]
+
+
+def judge(prompts, responses):
+    """The trained model's score of each response (outcome reward, or the process RM's weakest step)."""
+    if kind == "outcome":
+        return outcome_scores(rm, tok, prompts, responses)
+    return torch.tensor([process_score(s) for s in step_scores(rm, tok, prompts, responses)])
+
+
+@torch.no_grad()
+def evaluate():
+    rm.eval()
+    prompts = [p["prompt"] for p in eval_pairs]
+    r_c = judge(prompts, [p["chosen"] for p in eval_pairs])
+    r_r = judge(prompts, [p["rejected"] for p in eval_pairs])
+    agree = lambda a, b: (a > b).float() + 0.5 * (a == b).float()  # a tie in scores counts half
+    metrics = {"eval/acc_labels": agree(r_c, r_r).mean().item()}
+    if kind == "outcome":
+        metrics.update({"eval/margin": (r_c - r_r).mean().item(), "eval/chosen_mean": r_c.mean().item(),
+                        "eval/chosen_std": r_c.std().item(), "eval/rejected_mean": r_r.mean().item(),
+                        "eval/rejected_std": r_r.std().item()})
+    if data_path == "builtin":
+        g_c = torch.tensor([task.gold(prompt_text(p), p["chosen"]) for p in eval_pairs])
+        g_r = torch.tensor([task.gold(prompt_text(p), p["rejected"]) for p in eval_pairs])
+        untied = g_c != g_r
+        sign = torch.where(g_c > g_r, 1.0, -1.0)  # ranks them as gold does
+        metrics["eval/acc_gold"] = agree(sign * r_c, sign * r_r)[untied].mean().item()
+        metrics["eval/label_gold_agreement"] = ((g_c > g_r)[untied]).float().mean().item()  # the labels' own ceiling
+        if kind == "process":
+            rng = random.Random(f"prm-eval-{seed}")
+            ps = [task.sample_prompt(rng, "test") for _ in range(300)]
+            rs = [task.demonstrate(p, rng, 2 * task.P_ERR) for p in ps]
+            probs = step_scores(rm, tok, [user(p) for p in ps], rs)
+            hits = [((pr > 0.5) == torch.tensor(task.step_labels(p, r))).float() for p, r, pr in zip(ps, rs, probs)]
+            metrics["eval/step_acc"] = torch.cat(hits).mean().item()
+    rm.train()
+    return metrics
+
+
+def loss_on(batch):
+    """The loss and batch metrics of a list of training examples."""
+    if kind == "outcome":
+        B = len(batch)
+        ids, mask = pad([b[0] for b in batch] + [b[1] for b in batch], tok.pad_id)  # chosen then rejected
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast:
+            r = gather_last(train_rm(ids), mask)  # right padding: no attention mask; read at the EOS
+        r_c, r_r = r[:B], r[B:]
+        m = torch.tensor([b[2] for b in batch], device=device)
+        loss = bradley_terry_loss(r_c, r_r, m, center_coef).mean()
+        return loss, {"acc": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item()}
+    ids, _ = pad([b[0] for b in batch], tok.pad_id)
+    S = max(len(b[1]) for b in batch)
+    pos, step_mask = pad([b[1] for b in batch], 0, T=S)
+    labels, _ = pad([[int(x) for x in b[2]] for b in batch], 0, T=S)
+    with autocast:
+        logits = train_rm(ids.to(device))  # right padding: no mask needed
+    step_logits = logits.gather(1, pos.to(device))
+    labels, step_mask = labels.to(device), step_mask.to(device)
+    loss = process_reward_loss(step_logits, labels, step_mask)
+    hit = ((step_logits > 0) == labels.bool()).float()
+    return loss, {"step_acc": ((hit * step_mask).sum() / step_mask.sum()).item()}
+
+
+# -------------------------------------------------------------------------- training loop
+optimizer = rm.gpt.configure_optimizer(weight_decay, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
+optimizer.add_param_group({"params": list(rm.head.parameters()), "weight_decay": 0.0})
+train_rm = torch.compile(rm) if compile else rm
+logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
+start = evaluate()
+print("start: " + " ".join(f"{k} {v:.3f}" for k, v in start.items()))
+t0 = time.time()
+rm.train()
+bar = tqdm(range(max_steps), desc=f"rm-{kind}")
+for step in bar:
+    picks = torch.randint(len(train_set), (batch_size,), generator=step_generator(seed, step)).tolist()
+    for g in optimizer.param_groups:
+        g["lr"] = cosine_lr(step, lr, warmup_steps, max_steps, min_lr)
+    loss, stats = loss_on([train_set[i] for i in picks])
+    scaler.scale(loss).backward()
+    grad_norm = optimizer_step(rm, optimizer, scaler, grad_clip)
+    bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in stats.items()})
+    done = step + 1
+    if done % log_interval == 0:
+        logger.log(step=done, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, **stats)
+    if done % eval_interval == 0 or done == max_steps:
+        metrics = evaluate()
+        logger.log(step=done, **metrics)
+        bar.write(f"step {done} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+final = metrics
+
+# -------------------------------------------------------------------------- normalisation
+norm = {}
+if kind == "outcome" and normalize:
+    policy_path = policy or (init_from if init_from.endswith(".pt") else "")
+    if policy_path:
+        pol, ptok, _ = load_checkpoint(policy_path, device)
+        if data_path == "builtin":
+            prompts = [user(p) for p in task.prompts(n_norm, seed, split="train")]
+        else:
+            prompts = [r["prompt"] for r in train_records[:n_norm]]
+        samples = task.sample_responses(pol, ptok, prompts, generator=torch.Generator(device=device).manual_seed(seed))
+        rm.eval()
+        raw = outcome_scores(rm, tok, prompts, [s[0] for s in samples])
+        rm.gain.fill_(1.0 / raw.std(unbiased=False).item())
+        rm.bias.fill_(-raw.mean().item() / raw.std(unbiased=False).item())
+        normed = outcome_scores(rm, tok, prompts, [s[0] for s in samples])
+        norm = {"gain": rm.gain.item(), "bias": rm.bias.item(), "policy": policy_path, "n": len(prompts),
+                "mean_after": normed.mean().item(), "std_after": normed.std(unbiased=False).item()}
+        print(f"normalised on {len(prompts)} samples of {policy_path}: gain {norm['gain']:.4f}, bias {norm['bias']:.4f}")
+
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+save_checkpoint(ckpt_path, rm, tok, step=max_steps, config=config, rm_kind=kind)
+summary = {"kind": kind, "steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
+           "n_eval_pairs": len(eval_pairs), "start": start, "final": final, "normalization": norm}
+write_json(os.path.join(out_dir, "summary.json"), summary)
+msg = f"held-out pairs: accuracy vs labels {final['eval/acc_labels']:.3f}"
+if "eval/acc_gold" in final:
+    msg += f", vs gold {final['eval/acc_gold']:.3f} (the labels themselves agree with gold on " \
+           f"{final['eval/label_gold_agreement']:.3f} of non-tied pairs)"
+print(msg + f"\nwrote {ckpt_path} and {os.path.join(out_dir, 'summary.json')}")
