@@ -227,8 +227,7 @@ if kind == "outcome" and normalize:
         samples = task.sample_responses(pol, ptok, prompts, generator=torch.Generator(device=device).manual_seed(seed))
         rm.eval()
         raw = outcome_scores(rm, tok, prompts, [s[0] for s in samples])
-        rm.gain.fill_(1.0 / raw.std(unbiased=False).item())
-        rm.bias.fill_(-raw.mean().item() / raw.std(unbiased=False).item())
+        rm.set_normalisation(raw)
         normed = outcome_scores(rm, tok, prompts, [s[0] for s in samples])
         norm = {"gain": rm.gain.item(), "bias": rm.bias.item(), "policy": policy_path, "n": len(prompts),
                 "mean_after": normed.mean().item(), "std_after": normed.std(unbiased=False).item()}

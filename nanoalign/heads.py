@@ -27,6 +27,14 @@ class ScalarModel(nn.Module):
         """One raw scalar per token, float32. [B, T] -> [B, T]."""
         return self.head(self.gpt.body(ids, mask)).squeeze(-1).float()
 
+    @torch.no_grad()
+    def set_normalisation(self, raw):
+        """Choose gain and bias so that these raw rewards (e.g. of the policy's own samples) get
+        mean 0 and standard deviation 1 (population std): reward = (raw - mean) / std."""
+        mean, std = raw.mean(), raw.std(unbiased=False).clamp(min=1e-8)
+        self.gain.fill_(1.0 / std.item())
+        self.bias.fill_(-mean.item() / std.item())
+
     def reward(self, ids, mask):
         """The normalised scalar at each row's last real token (any padding side). [B, T] -> [B]."""
         return self.gain * gather_last(self(ids, mask), mask) + self.bias

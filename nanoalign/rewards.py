@@ -45,9 +45,11 @@ def outcome_scores(rm, tok, prompts, responses, batch_size=64):
 @torch.no_grad()
 def step_scores(prm, tok, prompts, responses, batch_size=64):
     """P(step correct) for each step of each response, from a process reward model. -> list of [S_i] tensors."""
-    device, out = prm.head.weight.device, []
+    device, out, T = prm.head.weight.device, [], prm.config.block_size
     for i in range(0, len(prompts), batch_size):
         items = [step_tokens(tok, p, r) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        cut = [max(0, len(ids) - T) for ids, _ in items]  # too long: drop the prompt's start (and its steps)
+        items = [(ids[c:], [q - c for q in pos if q >= c]) for (ids, pos), c in zip(items, cut)]
         ids, mask = pad([it[0] for it in items], tok.pad_id)
         logits = prm(ids.to(device), mask.to(device)).cpu()
         out += [torch.sigmoid(logits[j, pos]) for j, (_, pos) in enumerate(items)]

@@ -1,15 +1,19 @@
 """
-The built-in offline task: chain addition, with a hidden gold scorer.
+The built-in offline task: chain addition modulo 10, with a hidden gold scorer.
 
-A prompt is 3 to 6 digits to add, e.g. "4+7+2+9". A good response adds them one step at a time,
-each step "running total + next digit = new total", steps ended by ";", then the answer after "#":
+A prompt is 3 to 6 digits, e.g. "4+7+2+9"; the answer is the last digit of their sum. A good response
+adds them one step at a time, each step "running total + next digit = new total (mod 10)", steps
+ended by ";", then the answer after "#":
 
-    4+7=11;11+2=13;13+9=22;#22
+    4+7=1;1+2=3;3+9=2;#2
+
+Modulo 10 keeps every number one token wide, so a step is always 5 tokens and a tiny model can learn
+both to do the steps and (as a reward model) to check them.
 
 Everything a post-training pipeline needs comes from a seed, with no download:
 - SFT demonstrations come from a *flawed demonstrator*, like a careless human with a habit:
-  it slips on a step with probability p_err (an arithmetic slip, or adding the wrong digit), and it
-  has a blind spot: adding a 9, it usually (p_blind = 60%) adds 8. Either way it carries the error on.
+  it slips on a step with probability p_err (its result is off by 1 or 2), and it has a blind spot:
+  adding a 9, it usually (p_blind = 60%) adds 8. Either way it carries the error on.
   A model that imitates it is right on about half the prompts when sampled, and even its greedy
   answer inherits the blind spot: imitation cannot beat the demonstrator, feedback can.
 - `gold(prompt, response)`: the hidden truth, 0.5 * [final answer correct] + 0.5 * fraction of the
@@ -17,7 +21,7 @@ Everything a post-training pipeline needs comes from a seed, with no download:
 - Preference pairs: two demonstrator samples per prompt, labelled by the gold scorer with
   Bradley-Terry noise: P(a preferred) = sigmoid((gold(a) - gold(b)) / label_temp). Ties are coin flips.
 - Unpaired feedback (KTO): a sample labelled desirable with probability sigmoid((gold - 0.75) / label_temp).
-- `verify(prompt, response)`: the exact checker, 1.0 iff the final answer is the true sum (GRPO).
+- `verify(prompt, response)`: the exact checker, 1.0 iff the final answer is right (GRPO).
 - `step_labels(prompt, response)`: per-step correctness (process reward models).
 - Splits are by prompt (a hash of its text): no test prompt is ever seen in training.
 """
@@ -34,7 +38,7 @@ MIN_DIGITS, MAX_DIGITS = 3, 6
 P_ERR = 0.1  # the demonstrator's random slip rate per step
 P_BLIND = 0.6  # how often the demonstrator adds 8 when it should add 9
 LABEL_TEMP = 0.1  # Bradley-Terry temperature of the gold-derived preference labels
-MAX_NEW_TOKENS = 64  # longest correct response is 44 bytes
+MAX_NEW_TOKENS = 48  # the longest correct response is 32 bytes
 
 
 def split_of(prompt):
@@ -59,22 +63,18 @@ def demonstrate(prompt, rng, p_err=P_ERR, p_blind=P_BLIND):
     digits = digits_of(prompt)
     total, steps = digits[0], []
     for d in digits[1:]:
-        b, c = d, total + d
+        c = (total + d) % 10
         if d == 9 and rng.random() < p_blind:
-            c = total + 8  # the blind spot: writes "+9" but adds 8
+            c = (total + 8) % 10  # the blind spot: writes "+9" but adds 8
         elif rng.random() < p_err:
-            if rng.random() < 0.5:
-                c = max(0, c + rng.choice([-2, -1, 1, 2]))  # arithmetic slip
-            else:
-                b = rng.choice([x for x in range(10) if x != d])  # added the wrong digit
-                c = total + b
-        steps.append(f"{total}+{b}={c}")
+            c = (c + rng.choice([-2, -1, 1, 2])) % 10  # an arithmetic slip
+        steps.append(f"{total}+{d}={c}")
         total = c
     return ";".join(steps) + f";#{total}"
 
 
-STEP = re.compile(r"(\d+)\+(\d+)=(\d+)")
-ANSWER = re.compile(r"#(\d+)")
+STEP = re.compile(r"(\d)\+(\d)=(\d)")  # one digit each: "4+07=1" is not a step
+ANSWER = re.compile(r"#(\d)")
 
 
 def parse(response):
@@ -85,23 +85,23 @@ def parse(response):
 
 
 def step_labels(prompt, response):
-    """Correctness of each written step: step i must be (previous written total) + digit i+1 = their sum."""
+    """Correctness of each written step: step i must be (previous written total) + digit i+1 = their sum mod 10."""
     digits = digits_of(prompt)
     steps, _ = parse(response)
     labels, total = [], digits[0]
     for i, s in enumerate(steps):
         m = STEP.fullmatch(s)
         ok = bool(m) and i + 1 < len(digits) and int(m.group(1)) == total and int(m.group(2)) == digits[i + 1] \
-            and int(m.group(3)) == int(m.group(1)) + int(m.group(2))
+            and int(m.group(3)) == (int(m.group(1)) + int(m.group(2))) % 10
         labels.append(ok)
         total = int(m.group(3)) if m else -1
     return labels
 
 
 def verify(prompt, response):
-    """1.0 iff the response ends with the correct final answer "#<sum>"."""
+    """1.0 iff the response ends with the correct final answer "#<sum mod 10>"."""
     _, answer = parse(response)
-    return float(answer is not None and int(answer) == sum(digits_of(prompt)))
+    return float(answer is not None and int(answer) == sum(digits_of(prompt)) % 10)
 
 
 def gold(prompt, response):

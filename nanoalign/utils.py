@@ -59,10 +59,11 @@ def configure(g, argv=None):
             k, eq, v = arg[2:].partition("=")
             if not eq:
                 raise SystemExit(f"expected --key=value, got {arg!r}")
-            try:
-                v = ast.literal_eval(v)
-            except (ValueError, SyntaxError):
-                pass  # a plain string
+            if not isinstance(g.get(k), str):  # str settings take the text as it is ("1,2,4" stays a str)
+                try:
+                    v = ast.literal_eval(v)
+                except (ValueError, SyntaxError):
+                    pass  # a plain string
             set_key(k, v, arg)
         else:
             for node in ast.parse(open(arg).read(), arg).body:

@@ -5,8 +5,8 @@ import pytest
 
 from nanoalign import data, task
 
-P = "4+7+2+9"  # sum 22
-CORRECT = "4+7=11;11+2=13;13+9=22;#22"
+P = "4+7+2+9"  # sum 22, answer 22 % 10 = 2
+CORRECT = "4+7=1;1+2=3;3+9=2;#2"
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -20,22 +20,22 @@ def test_correct_response():
 
 def test_arithmetic_slip_carried_on():
     """A slip in step 1 carried on: labels [F, T, T], wrong answer, gold 0.5*0 + 0.5*2/3."""
-    r = "4+7=12;12+2=14;14+9=23;#23"
+    r = "4+7=2;2+2=4;4+9=3;#3"
     assert task.step_labels(P, r) == [False, True, True]
     assert task.verify(P, r) == 0.0
     assert task.gold(P, r) == pytest.approx(1 / 3)
 
 
 def test_wrong_digit():
-    """Adding 8 instead of 7 is a wrong step even though 4+8=12 is true arithmetic."""
-    r = "4+8=12;12+2=14;14+9=23;#23"
+    """Adding 8 instead of 7 is a wrong step even though 4+8=2 is true arithmetic mod 10."""
+    r = "4+8=2;2+2=4;4+9=3;#3"
     assert task.step_labels(P, r) == [False, True, True]
     assert task.gold(P, r) == pytest.approx(1 / 3)
 
 
 def test_wrong_running_total():
-    """A step must start from the previous written total: 11+2=13 then 12+9=21 is wrong."""
-    r = "4+7=11;11+2=13;12+9=21;#21"
+    """A step must start from the previous written total: 1+2=3 then 2+9=1 is wrong (though true mod 10)."""
+    r = "4+7=1;1+2=3;2+9=1;#1"
     assert task.step_labels(P, r) == [True, True, False]
     assert task.verify(P, r) == 0.0
     assert task.gold(P, r) == pytest.approx(0.5 * 2 / 3)
@@ -43,14 +43,14 @@ def test_wrong_running_total():
 
 def test_slip_in_last_step_only():
     """Right steps but a wrong last sum: labels [T, T, F], gold 0.5 * 2/3."""
-    r = "4+7=11;11+2=13;13+9=23;#23"
+    r = "4+7=1;1+2=3;3+9=3;#3"
     assert task.step_labels(P, r) == [True, True, False]
     assert task.gold(P, r) == pytest.approx(1 / 3)
 
 
 def test_answer_disagrees_with_steps():
     """Correct steps but a wrong final answer: verify 0, gold 0.5 (the steps' half only)."""
-    r = "4+7=11;11+2=13;13+9=22;#21"
+    r = "4+7=1;1+2=3;3+9=2;#1"
     assert task.step_labels(P, r) == [True, True, True]
     assert task.verify(P, r) == 0.0
     assert task.gold(P, r) == pytest.approx(0.5)
@@ -58,26 +58,26 @@ def test_answer_disagrees_with_steps():
 
 def test_missing_steps():
     """Skipping steps: right answer with one of three steps -> 0.5 + 0.5/3; answer only -> 0.5."""
-    r = "4+7=11;#22"
+    r = "4+7=1;#2"
     assert task.step_labels(P, r) == [True]
     assert task.verify(P, r) == 1.0
     assert task.gold(P, r) == pytest.approx(0.5 + 0.5 / 3)
-    assert task.step_labels(P, "#22") == []
-    assert task.gold(P, "#22") == pytest.approx(0.5)
+    assert task.step_labels(P, "#2") == []
+    assert task.gold(P, "#2") == pytest.approx(0.5)
 
 
 def test_extra_steps_cost():
     """An extra (even true) step is wrong and costs a correct one: gold 0.5 + 0.5*(3-1)/3."""
-    r = "4+7=11;11+2=13;13+9=22;22+0=22;#22"
+    r = "4+7=1;1+2=3;3+9=2;2+0=2;#2"
     assert task.step_labels(P, r) == [True, True, True, False]
     assert task.verify(P, r) == 1.0
     assert task.gold(P, r) == pytest.approx(0.5 + 0.5 * 2 / 3)
-    many = "4+7=11;11+2=13;13+9=22" + ";22+0=22" * 5 + ";#22"
+    many = "4+7=1;1+2=3;3+9=2" + ";2+0=2" * 5 + ";#2"
     assert task.gold(P, many) == pytest.approx(0.5)  # steps part floored at 0
 
 
 @pytest.mark.parametrize("text", ["", "hello world", "#", "#abc", ";;;;", "1+1=2=3;#x", "9" * 400 + ";#" + "9" * 400,
-                                  "\x00\uffff", "#-22", "22", "4 + 7 = 11; #22"])
+                                  "\x00\uffff", "#-2", "2", "4 + 7 = 1; #2"])
 def test_garbage_scores_zero_without_exception(text):
     """Garbage text gets gold 0 and verify 0, and never raises."""
     assert task.verify(P, text) == 0.0
@@ -87,20 +87,20 @@ def test_garbage_scores_zero_without_exception(text):
 
 def test_unfinished_response():
     """A response cut off mid-step keeps credit for its finished steps only: 0.5 * 2/3."""
-    r = "4+7=11;11+2=13;13+9="
+    r = "4+7=1;1+2=3;3+9="
     assert task.step_labels(P, r) == [True, True, False]
     assert task.verify(P, r) == 0.0
     assert task.gold(P, r) == pytest.approx(1 / 3)
 
 
 def test_answer_must_end_the_response():
-    """The answer counts only at the very end: "#22;" or "#22 done" fail verify; the steps still count."""
-    for r in (CORRECT + ";", CORRECT + " done", CORRECT + ";#22x"):
+    """The answer counts only at the very end: "#2;" or "#2 done" fail verify; the steps still count."""
+    for r in (CORRECT + ";", CORRECT + " done", CORRECT + ";#2x"):
         assert task.verify(P, r) == 0.0, r
         assert 0.0 < task.gold(P, r) < 0.5, r
-    # "#22" is then an extra non-step part, and an extra "" part too for the trailing ";"
+    # "#2" is then an extra non-step part, and an extra "" part too for the trailing ";"
     assert task.gold(P, CORRECT + ";") == pytest.approx(0.5 * (3 - 2) / 3)
-    assert task.verify(P, "4+7=11;#22;11+2=13") == 0.0
+    assert task.verify(P, "4+7=1;#2;1+2=3") == 0.0
 
 
 def test_three_digit_prompt_hand_case():
@@ -214,22 +214,28 @@ def test_records_pass_normalise():
     unp = data.normalise(task.unpaired_records(300, seed=2), "unpaired", name="task_kto")
     assert len(unp) == 300 and {r["label"] for r in unp} == {True, False}
     ps = task.prompts(100, seed=2)
-    prob = data.normalise([{"prompt": p, "answer": str(sum(task.digits_of(p)))} for p in ps], "problem")
-    assert [r["answer"] for r in prob] == [str(sum(map(int, p.split("+")))) for p in ps]
+    prob = data.normalise([{"prompt": p, "answer": str(sum(task.digits_of(p)) % 10)} for p in ps], "problem")
+    assert [r["answer"] for r in prob] == [str(sum(map(int, p.split("+"))) % 10) for p in ps]
 
 
 def test_correct_responses_fit_in_max_new_tokens():
-    """The longest correct response (6 digits of 9) fits in MAX_NEW_TOKENS byte tokens with its EOS."""
+    """The longest correct response (6 digits, e.g. all 9s) fits in MAX_NEW_TOKENS byte tokens with its EOS."""
     r = task.demonstrate("9+9+9+9+9+9", random.Random(0), p_err=0, p_blind=0)
-    assert r == "9+9=18;18+9=27;27+9=36;36+9=45;45+9=54;#54"
+    assert r == "9+9=8;8+9=7;7+9=6;6+9=5;5+9=4;#4"
     assert len(r) + 1 <= task.MAX_NEW_TOKENS
 
 
 def test_demonstrator_blind_spot_adds_8_for_9():
     """With p_blind=1 and no random slips every "+9" step adds 8; steps adding other digits are right."""
     r = task.demonstrate("3+9+2", random.Random(0), p_err=0, p_blind=1.0)
-    assert r == "3+9=11;11+2=13;#13"
+    assert r == "3+9=1;1+2=3;#3"
     assert task.step_labels("3+9+2", r) == [False, True]
     rng = random.Random(0)
-    rate = sum(task.demonstrate("3+9", rng, p_err=0) == "3+9=11;#11" for _ in range(2000)) / 2000
+    rate = sum(task.demonstrate("3+9", rng, p_err=0) == "3+9=1;#1" for _ in range(2000)) / 2000
     assert abs(rate - task.P_BLIND) < 0.04
+
+
+def test_numbers_are_single_digits():
+    """Leading zeros or two-digit numbers are not steps or answers: there is one way to write each."""
+    assert task.verify(P, "4+7=1;1+2=3;3+9=2;#02") == 0.0
+    assert task.step_labels(P, "4+7=01;1+2=3;3+9=2;#2") == [False, False, True]  # no total to carry on

@@ -1,0 +1,161 @@
+"""Reward models: losses, reading the reward at the last real token, normalisation, PRM step positions,
+best-of-N, and tiny train_rm.py / best_of_n.py runs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoalign import task
+from nanoalign.core import pad
+from nanoalign.heads import ScalarModel
+from nanoalign.losses import bradley_terry_loss, process_reward_loss
+from nanoalign.model import GPT, GPTConfig
+from nanoalign.rewards import best_of_n, process_score, response_tokens, step_tokens
+from nanoalign.tokenizer import byte_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bradley_terry_centering_hand_computed():
+    """r_c = 2.0, r_r = 0.5, margin 0.5, centering 0.01: -log sigmoid(1.0) + 0.01 * 2.5^2 = 0.3133 + 0.0625."""
+    loss = bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.5]), 0.5, center_coef=0.01)
+    assert loss.item() == pytest.approx(0.313262 + 0.0625, abs=1e-5)
+    # the centering term's gradient pushes the sum of the pair's rewards towards 0
+    r = torch.tensor([3.0, 1.0], requires_grad=True)
+    bradley_terry_loss(r[0], r[1], center_coef=1.0).backward()
+    pure = torch.tensor([3.0, 1.0], requires_grad=True)
+    bradley_terry_loss(pure[0], pure[1]).backward()
+    assert torch.allclose(r.grad - pure.grad, torch.tensor([8.0, 8.0]))  # d/dr (r_c + r_r)^2 = 2 * 4
+
+
+def test_process_reward_loss_hand_computed():
+    """Logits [0, 2] with labels [1, 0] and a padded third step: mean(log 2, log(1 + e^2)) = 1.4129."""
+    logits = torch.tensor([[0.0, 2.0, 9.0]])
+    loss = process_reward_loss(logits, torch.tensor([[1, 0, 1]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert loss.item() == pytest.approx((0.693147 + 2.126928) / 2, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def rm():
+    torch.manual_seed(0)
+    m = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=261, n_layer=2, n_head=2, n_embd=32)))
+    torch.nn.init.normal_(m.head.weight, std=1.0)  # a non-trivial head
+    return m.eval()
+
+
+def test_reward_is_read_at_the_last_real_token_under_any_padding(rm):
+    """Rewards alone, right-padded, left-padded, with more padding: all equal, and equal to the
+    per-token scalar at the EOS of the unpadded sequence."""
+    tok = byte_tokenizer()
+    seqs = [response_tokens(tok, [{"role": "user", "content": p}], r)[0]
+            for p, r in [("1+2", "1+2=3;#3"), ("9+9+9", "9+9=18;18+9=27;#27"), ("5+0+1", "#6")]]
+    alone = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs])
+    assert all(s[-1] == tok.eos_id for s in seqs)
+    for left in (False, True):
+        for T in (None, 40):
+            ids, mask = pad(seqs, tok.pad_id, left=left, T=T)
+            assert torch.allclose(rm.reward(ids, mask), alone, atol=1e-5)
+    ids, mask = pad(seqs, tok.pad_id)
+    assert not torch.allclose(rm(ids, mask)[:, -1], alone, atol=1e-3)  # the last column is padding
+
+
+def test_normalisation_gives_mean_0_std_1(rm):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (50, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    raw = rm.reward(ids, mask)
+    rm.set_normalisation(raw)
+    normed = rm.reward(ids, mask)
+    assert normed.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert normed.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(normed, (raw - raw.mean()) / raw.std(unbiased=False), atol=1e-5)
+    rm.gain.fill_(1.0)
+    rm.bias.fill_(0.0)
+
+
+def test_prm_positions_line_up_with_steps_and_labels():
+    """Each step's score is read at the token that ends it (";"); one position per step label."""
+    tok = byte_tokenizer()
+    prompt, response = "4+7+2+9", "4+7=2;2+2=4;4+9=3;#3"
+    ids, positions = step_tokens(tok, [{"role": "user", "content": prompt}], response)
+    labels = task.step_labels(prompt, response)
+    assert len(positions) == len(labels) == 3 and labels == [False, True, True]
+    assert all(ids[p] == ord(";") for p in positions)
+    text = tok.decode(ids)
+    steps = response.split(";")[:3]
+    for p, step in zip(positions, steps):  # the tokens just before each position spell the step
+        assert tok.decode(ids[p - len(step):p]) == step
+    assert ids[-1] == tok.eos_id and text.endswith("#3")
+
+
+def test_process_score_min_and_prod():
+    s = torch.tensor([0.9, 0.5, 0.8])
+    assert process_score(s) == pytest.approx(0.5)
+    assert process_score(s, "prod") == pytest.approx(0.36)
+    assert process_score(torch.tensor([])) == 0.0
+
+
+def test_best_of_n_picks_the_argmax():
+    scores = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 2.0], [float("-inf"), -5.0, -6.0]])
+    assert best_of_n(scores).tolist() == [1, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    r = subprocess.run([sys.executable, "train_sft.py", f"--out_dir={out}", "--n_layer=1", "--n_head=2",
+                        "--n_embd=32", "--batch_size=8", "--n_train=200", "--n_eval=8", "--max_steps=3",
+                        "--eval_interval=1000", "--device=cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(out / "ckpt.pt")
+
+
+def run(script, *args):
+    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+TINY_RM = ["--n_train=100", "--n_eval=20", "--n_norm=16", "--batch_size=4", "--max_steps=3", "--eval_interval=2",
+           "--log_interval=1", "--device=cpu"]
+
+
+def test_train_rm_outcome_end_to_end(tmp_path, sft_ckpt):
+    """A tiny outcome RM run: metrics, summary with both accuracies, a normalised, loadable checkpoint."""
+    from nanoalign.rewards import outcome_scores
+    from nanoalign.utils import load_checkpoint
+    out = tmp_path / "rm"
+    stdout = run("train_rm.py", f"--init_from={sft_ckpt}", f"--out_dir={out}", *TINY_RM)
+    assert "vs gold" in stdout
+    summary = json.load(open(out / "summary.json"))
+    for key in ("eval/acc_labels", "eval/acc_gold", "eval/chosen_mean", "eval/rejected_std", "eval/margin"):
+        assert key in summary["final"]
+    assert summary["normalization"]["mean_after"] == pytest.approx(0.0, abs=1e-4)
+    assert summary["normalization"]["std_after"] == pytest.approx(1.0, abs=1e-3)
+    rm, tok, ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert isinstance(rm, ScalarModel) and ckpt["rm_kind"] == "outcome"
+    assert rm.gain.item() == pytest.approx(summary["normalization"]["gain"])
+    lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert any("acc" in l and "margin" in l for l in lines)
+
+
+def test_train_rm_process_and_best_of_n(tmp_path, sft_ckpt):
+    """A tiny process RM run, then best_of_n.py with outcome RMs, their ensemble, the PRM and gold."""
+    prm, rm1, rm2 = tmp_path / "prm", tmp_path / "rm1", tmp_path / "rm2"
+    run("train_rm.py", "--kind=process", f"--init_from={sft_ckpt}", f"--out_dir={prm}", *TINY_RM)
+    assert "eval/step_acc" in json.load(open(prm / "summary.json"))["final"]
+    for out, seed in ((rm1, 1), (rm2, 2)):
+        run("train_rm.py", f"--init_from={sft_ckpt}", f"--out_dir={out}", f"--seed={seed}", *TINY_RM)
+    table_path = tmp_path / "bon.json"
+    stdout = run("best_of_n.py", f"--policy={sft_ckpt}", f"--rms={rm1}/ckpt.pt,{rm2}/ckpt.pt",
+                 f"--prm={prm}/ckpt.pt", "--n_prompts=6", "--ns=1,2,4", f"--out={table_path}", "--device=cpu")
+    table = json.load(open(table_path))["table"]
+    assert set(table) == {"outcome", "ensemble-min (k=2)", "process", "gold (ceiling)"}
+    # N=1 is the policy alone: every judge keeps the same (first) sample
+    assert len({row["1"]["gold"] for row in table.values()}) == 1
+    gold = table["gold (ceiling)"]
+    assert gold["1"]["gold"] <= gold["2"]["gold"] <= gold["4"]["gold"]  # the ceiling cannot get worse with N
+    assert "| judge |" in stdout
