@@ -3,7 +3,7 @@ Reward models: an outcome reward model (Bradley-Terry on preference pairs) or a 
 (per-step correctness), both a GPT body with a scalar head, measured against the gold scorer.
 
     python train_rm.py                                   # outcome RM from out/sft/ckpt.pt, built-in pairs
-    python train_rm.py --kind=process --out_dir=out/prm  # process RM on the built-in task's step labels
+    python train_rm.py --kind=process --out_dir=out/prm --max_steps=1500  # process RM, the task's step labels
     python train_rm.py --data_path=hh.jsonl.gz --init_from=gpt2/ --device=cuda
 
 Implementation details:
@@ -13,8 +13,9 @@ Implementation details:
    reward is read at the sequence's last real token, the EOS (`core.gather_last`, mask from lengths).
 3. Loss: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2, the mean over pairs.
    `margin` is a constant, or per pair from a "margin" field in the data.
-4. Process: the scalar at the last token of each step ("...;") is the logit of "this step is correct";
-   binary cross-entropy against the task's step checker, the mean over all steps of the batch.
+4. Process: the scalar at the last token of each step (its result, just before the ";" separator) is
+   the logit of "this step is correct"; binary cross-entropy against the task's step checker, the
+   mean over all steps of the batch. (`rewards.step_tokens` says why not at the separator itself.)
 5. Evaluation on held-out pairs: accuracy against their (noisy) labels and against the gold scorer on
    pairs whose gold scores differ. The process RM ranks a response by its weakest step.
 6. Normalisation (outcome RM): after training, rewards of the SFT policy's own samples on training

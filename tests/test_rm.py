@@ -77,18 +77,21 @@ def test_normalisation_gives_mean_0_std_1(rm):
 
 
 def test_prm_positions_line_up_with_steps_and_labels():
-    """Each step's score is read at the token that ends it (";"); one position per step label."""
+    """Each step's score is read at the step's last token (its result, just before ";"); one position
+    per step label, and the same ids as encoding the whole text at once (byte tokenizer)."""
     tok = byte_tokenizer()
     prompt, response = "4+7+2+9", "4+7=2;2+2=4;4+9=3;#3"
     ids, positions = step_tokens(tok, [{"role": "user", "content": prompt}], response)
     labels = task.step_labels(prompt, response)
     assert len(positions) == len(labels) == 3 and labels == [False, True, True]
-    assert all(ids[p] == ord(";") for p in positions)
+    assert all(ids[p + 1] == ord(";") for p in positions)
     text = tok.decode(ids)
     steps = response.split(";")[:3]
-    for p, step in zip(positions, steps):  # the tokens just before each position spell the step
-        assert tok.decode(ids[p - len(step):p]) == step
+    for p, step in zip(positions, steps):  # the tokens up to and including each position spell the step
+        assert tok.decode(ids[p + 1 - len(step):p + 1]) == step
+    assert [chr(ids[p]) for p in positions] == ["2", "4", "3"]  # the results
     assert ids[-1] == tok.eos_id and text.endswith("#3")
+    assert ids == response_tokens(tok, [{"role": "user", "content": prompt}], response)[0]
 
 
 def test_process_score_min_and_prod():
