@@ -1,7 +1,9 @@
 """
 Loss functions: pure functions of per-sequence (or per-token) tensors, each with its equation.
-Every function returns the per-example loss; the caller chooses the aggregation (usually .mean()).
+They return per-example (or per-token) losses and the caller chooses the aggregation; for the
+policy-gradient losses that choice is `aggregate`, whose modes are part of the algorithm.
 """
+import torch
 import torch.nn.functional as F
 
 
@@ -40,3 +42,70 @@ def sft_loss(logps, loss_mask, n_tokens):
     then the micro-batch losses of a step add up to the full batch's mean, and so do their gradients.
     """
     return -(logps * loss_mask).sum() / n_tokens
+
+
+# ------------------------------------------------------------------------------ policy gradient (GRPO family)
+
+def group_advantages(rewards, baseline="mean", scale="group", eps=1e-6):
+    """Advantages of G responses per prompt from their rewards, [P, G] -> [P, G].
+
+    baseline "mean": A_i = r_i - mean_j r_j                       (GRPO, Shao et al. 2024)
+             "loo":  A_i = r_i - mean_{j != i} r_j               (RLOO, Ahmadian et al. 2024)
+    scale    "group": divide by the group's population std + eps (GRPO)
+             "batch": divide by the std of all advantages in the batch + eps
+             "none":  no division                               (Dr. GRPO, Liu et al. 2025; RLOO)
+    A group whose rewards are all equal gets advantage 0 (never NaN): it carries no signal.
+    Example: rewards [1, 0, 0.5, 1], mean baseline, group scale -> [0.905, -1.508, -0.302, 0.905].
+    """
+    G = rewards.shape[-1]
+    mean = rewards.mean(-1, keepdim=True)
+    adv = rewards - mean if baseline == "mean" else (rewards - mean) * G / (G - 1)  # r_i - mean of the others
+    if scale == "group":
+        adv = adv / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = adv / (adv.std(unbiased=False) + eps)
+    return adv
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020, "k3"):
+
+        k3 = exp(ref - logp) - (ref - logp) - 1  >= 0, and = 0 where the policies agree.
+    Unbiased, and lower variance than the plain log-ratio (k1)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp, old_logp, adv, eps_low=0.2, eps_high=0.2):
+    """PPO's clipped objective per token (Schulman et al. 2017), with DAPO's asymmetric clip range:
+
+        ratio = exp(logp - old_logp)
+        loss  = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+
+    `adv` is broadcast over tokens ([B, 1] for one advantage per sequence). Returns (loss [B, T],
+    clipped_low [B, T], clipped_high [B, T]): where the clip is active on each side."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    loss = -torch.min(unclipped, clipped)
+    adv = adv.expand_as(ratio)
+    return loss, (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
+
+
+def aggregate(token_loss, mask, mode, max_len=None):
+    """Reduce a [B, T] per-token loss over the real tokens to a scalar:
+
+    "seq_mean":   mean over sequences of (mean over each sequence's tokens)       (GRPO)
+    "token_mean": sum over all tokens / number of real tokens in the batch        (DAPO)
+    "constant":   sum over all tokens / (B * max_len), a constant normaliser      (Dr. GRPO)
+    Per-sequence means give each sequence equal weight (long responses' tokens count less); the
+    token mean gives each token equal weight; the constant removes the length bias of both.
+    """
+    mask = mask.to(token_loss.dtype)
+    if mode == "seq_mean":
+        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if mode == "token_mean":
+        return (token_loss * mask).sum() / mask.sum().clamp(min=1)
+    if mode == "constant":
+        return (token_loss * mask).sum() / (token_loss.shape[0] * max_len)
+    raise ValueError(f"unknown aggregation {mode!r}")

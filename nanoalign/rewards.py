@@ -5,6 +5,7 @@ best-of-N selection.
 A prompt is a list of chat messages; a response is the assistant's text. Every scored sequence is
 `render_prompt(prompt) + encode(response) + [EOS]`, so the outcome reward is read at the EOS token.
 """
+import math
 import re
 
 import torch
@@ -75,3 +76,33 @@ def process_score(step_probs, reduce="min"):
 def best_of_n(scores):
     """Index of the best of N candidates for each prompt. [P, N] scores -> [P]. Ties: the first."""
     return torch.as_tensor(scores).argmax(-1)
+
+
+# ------------------------------------------------------------------------------ verifiable rewards
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text):
+    """The answer a response gives: the number after the last "####" if there is one (GSM8K's
+    convention), else the last number in the text; commas dropped. None if there is no number."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    numbers = NUMBER.findall(tail)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def answer_reward(answers):
+    """A reward callable (prompt, response) -> 1.0 iff the response's final number equals the
+    reference answer of that prompt (`answers`: prompt text -> answer string, e.g. from GSM8K)."""
+    def reward(prompt, response):
+        got, want = final_number(response), answers[prompt]
+        try:
+            return float(got is not None and float(got) == float(want))
+        except ValueError:
+            return float(got == want)
+    return reward
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c passed (Chen et al. 2021): 1 - C(n - c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)

@@ -104,6 +104,13 @@ def verify(prompt, response):
     return float(answer is not None and int(answer) == sum(digits_of(prompt)) % 10)
 
 
+def format_ok(prompt, response):
+    """1.0 iff the response has the task's shape: one well-formed step per added digit, then "#d"."""
+    steps, answer = parse(response)
+    return float(answer is not None and len(steps) == len(digits_of(prompt)) - 1
+                 and all(STEP.fullmatch(s) for s in steps))
+
+
 def gold(prompt, response):
     """The hidden gold score in [0, 1]: half for the final answer, half for the steps (extra steps cost)."""
     labels = step_labels(prompt, response)

@@ -1,0 +1,222 @@
+"""
+GRPO and its family: policy optimisation with verifiable rewards and group baselines, no critic.
+
+    python train_grpo.py                                   # GRPO on the built-in task from out/sft/ckpt.pt
+    python train_grpo.py --scale=none --agg=constant       # Dr. GRPO
+    python train_grpo.py --eps_high=0.28 --agg=token_mean --dynamic_sampling=True   # DAPO
+    python train_grpo.py --baseline=loo --scale=none       # RLOO
+    python train_grpo.py --data_path=gsm8k/train.jsonl --init_from=gpt2-sft.pt --device=cuda
+
+Each step: sample a group of G responses for each of P prompts with the KV-cache sampler, score each
+with the reward functions, turn rewards into advantages within each group, and take mu gradient
+steps on the clipped surrogate against the sampling policy (optionally plus beta * KL to a frozen
+reference). The loss hovers near zero by construction (advantages are centred within each group):
+watch the reward and the held-out pass rate, not the loss.
+
+Implementation details:
+1. Rollouts: `sampling.generate` with per-row EOS; the response mask includes the sampled EOS and
+   excludes the padding after it. A response that hits max_new_tokens without EOS is "truncated".
+2. Log-probs (old, new, reference) are float32 and at the sampling temperature, for the response
+   tokens only, from one forward over [left-padded prompt | response] with the padding masked.
+3. Advantages (`losses.group_advantages`): baseline "mean" (GRPO) or leave-one-out "loo" (RLOO);
+   scale by the group std (GRPO), the batch std, or not at all (Dr. GRPO, RLOO).
+4. The clipped ratio against the old (sampling) policy, with eps_low / eps_high (DAPO's clip-higher).
+   With mu = 1 the ratio is exactly 1 and the gradient is REINFORCE with a group baseline.
+5. KL: beta * k3 per token to the frozen reference, inside the loss (GRPO). beta = 0 never loads it.
+6. Aggregation over tokens (`losses.aggregate`): per-sequence mean then mean (GRPO), token mean over
+   the batch (DAPO), or a constant normaliser batch x max_new_tokens (Dr. GRPO).
+7. Groups whose rewards are all equal have zero advantage: counted, and with dynamic_sampling=True
+   dropped from the update (DAPO; we drop, we do not resample to refill the batch).
+
+Logged metrics (metrics.jsonl):
+  reward, reward_std          mean and std of the rollouts' total reward
+  zero_std_frac               fraction of groups whose rewards are all equal (no signal)
+  len_mean, len_max, trunc    response length (tokens) and fraction without EOS
+  entropy                     mean per-token entropy of the policy on its rollouts
+  kl                          mean per-token k3 KL to the reference (beta > 0)
+  clip_low, clip_high         fraction of tokens where the lower / upper clip is active
+  grad_norm, loss             gradient norm before clipping, the surrogate loss
+  eval/pass@1, eval/pass@k    held-out: mean pass rate of k samples per prompt, and the unbiased
+                              pass@k estimate (Chen et al. 2021); eval/gold: mean gold score
+"""
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanoalign import data, task
+from nanoalign.core import entropy_from_logits, pad, token_logprobs
+from nanoalign.losses import aggregate, clipped_surrogate, group_advantages, k3_kl
+from nanoalign.rewards import answer_reward, pass_at_k
+from nanoalign.sampling import generate
+from nanoalign.utils import JsonlLogger, configure, load_checkpoint, optimizer_step, save_checkpoint, setup_device, write_json
+
+# ---- config (override with --key=value or a config file; --help lists them)
+out_dir = "out/grpo"  # checkpoint, metrics.jsonl and summary.json go here
+init_from = "out/sft/ckpt.pt"  # the policy to start from (a nanoalign checkpoint)
+data_path = "builtin"  # "builtin" (the offline task) or a problem file (GSM8K question/answer JSONL)
+rewards = "verify:1.0"  # name:weight,...; builtin: verify, format; file data: answer
+prompts_per_step = 16  # P: prompts per step
+group_size = 8  # G: responses sampled per prompt
+max_steps = 120  # rollout steps
+mu = 1  # gradient steps per batch of rollouts (1: on-policy)
+minibatches = 1  # minibatches per gradient pass over the rollouts
+baseline = "mean"  # "mean" (GRPO, Dr. GRPO) or "loo" (RLOO)
+scale = "group"  # "group" (GRPO), "batch", or "none" (Dr. GRPO, RLOO)
+agg = "seq_mean"  # "seq_mean" (GRPO), "token_mean" (DAPO), or "constant" (Dr. GRPO)
+eps_low = 0.2  # lower clip: ratio >= 1 - eps_low
+eps_high = 0.2  # upper clip: ratio <= 1 + eps_high (DAPO: 0.28)
+beta = 0.0  # KL penalty coefficient (k3 to the reference); 0: the reference is never loaded
+dynamic_sampling = False  # drop groups whose rewards are all equal from the update (DAPO)
+temperature = 1.0  # sampling temperature (log-probs use the same)
+max_new_tokens = 48  # longest response
+lr = 3e-4  # learning rate (constant after warmup)
+warmup_steps = 5  # linear warmup steps
+weight_decay = 0.0  # AdamW weight decay
+grad_clip = 1.0  # clip the gradient norm to this (0: off)
+eval_interval = 40  # steps between held-out evaluations
+n_eval = 256  # held-out prompts per evaluation
+eval_k = 4  # samples per held-out prompt (pass@1 is their mean; pass@k the unbiased estimate)
+log_interval = 1  # steps between metrics.jsonl lines
+seed = 1337  # seeds prompts and sampling
+device = "auto"  # "auto", "cpu", "cuda", ...
+dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
+# ---- end config
+config = configure(globals())
+os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)
+device, autocast, scaler = setup_device(device, dtype)
+gen = torch.Generator(device=device).manual_seed(seed)
+
+# -------------------------------------------------------------------------- models
+policy, tok, _ = load_checkpoint(init_from, device)
+ref = load_checkpoint(init_from, device)[0].eval().requires_grad_(False) if beta > 0 else None
+optimizer = policy.configure_optimizer(weight_decay, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
+
+# -------------------------------------------------------------------------- prompts and rewards
+if data_path == "builtin":
+    reward_fns = {"verify": task.verify, "format": task.format_ok}
+    pass_fn = task.verify  # what "pass" means in evaluation
+    train_prompts = task.prompts(20000, seed, split="train")
+    eval_prompts = task.prompts(n_eval, seed, split="test")
+else:
+    problems, _ = data.load(data_path, "problem")
+    answers = {p["prompt"][-1]["content"]: p["answer"] for p in problems}
+    reward_fns = {"answer": answer_reward(answers)}
+    pass_fn = reward_fns["answer"]
+    texts = list(answers)
+    random.Random(seed).shuffle(texts)
+    eval_prompts, train_prompts = texts[:n_eval], texts[n_eval:]
+weights = {}
+for item in rewards.split(","):
+    name, _, w = item.partition(":")
+    if name not in reward_fns:
+        raise SystemExit(f"unknown reward {name!r}; here: {sorted(reward_fns)}")
+    weights[name] = float(w or 1.0)
+
+
+def total_reward(prompt, response):
+    return sum(w * reward_fns[n](prompt, response) for n, w in weights.items())
+
+
+def response_logprobs(model, prompt_ids, prompt_mask, resp, resp_mask, with_entropy=False):
+    """Per-token log-probs [B, N] (float32, at the sampling temperature) of the response tokens."""
+    ids = torch.cat([prompt_ids, resp], 1)
+    mask = torch.cat([prompt_mask, resp_mask], 1)
+    Tp = prompt_ids.shape[1]
+    with autocast:
+        logits = model(ids, mask)[:, Tp - 1:-1]  # logits[t] predicts ids[t + 1]
+    logp = token_logprobs(logits, resp, temperature)
+    return (logp, entropy_from_logits(logits.detach(), temperature)) if with_entropy else logp
+
+
+@torch.no_grad()
+def evaluate():
+    flat = [p for p in eval_prompts for _ in range(eval_k)]
+    samples = task.sample_responses(policy, tok, flat, temperature=temperature, max_new_tokens=max_new_tokens,
+                                    generator=torch.Generator(device=device).manual_seed(seed + 1))
+    ok = [pass_fn(p, t) if e else 0.0 for p, (t, e, _) in zip(flat, samples)]  # no EOS: unfinished, fails
+    passed = [int(sum(ok[i * eval_k:(i + 1) * eval_k])) for i in range(len(eval_prompts))]
+    metrics = {"eval/pass@1": sum(passed) / len(flat),
+               f"eval/pass@{eval_k}": sum(pass_at_k(eval_k, c, eval_k) for c in passed) / len(passed)}
+    if data_path == "builtin":
+        metrics["eval/gold"] = sum(task.gold(p, t) if e else 0.0 for p, (t, e, _) in zip(flat, samples)) / len(flat)
+    return metrics
+
+
+# -------------------------------------------------------------------------- training loop
+logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
+start = evaluate()
+print("start: " + " ".join(f"{k} {v:.3f}" for k, v in start.items()))
+t0, metrics = time.time(), start
+rng = random.Random(seed)
+bar = tqdm(range(max_steps), desc="grpo")
+for step in bar:
+    # 1) rollouts: P prompts x G samples, with the current policy (= the old policy of this step)
+    policy.eval()
+    prompts = [rng.choice(train_prompts) for _ in range(prompts_per_step)]
+    flat = [p for p in prompts for _ in range(group_size)]
+    prompt_lists = [tok.render_prompt([{"role": "user", "content": p}]) for p in flat]
+    resp, resp_mask = generate(policy, prompt_lists, max_new_tokens, tok.eos_id, tok.pad_id,
+                               temperature=temperature, generator=gen)
+    prompt_ids, prompt_mask = (t.to(device) for t in pad(prompt_lists, tok.pad_id, left=True))  # as generate did
+    n_tok = resp_mask.sum(1)
+    ended = (resp.gather(1, (n_tok - 1).clamp(min=0)[:, None]).squeeze(1) == tok.eos_id) & (n_tok > 0)
+    texts = [tok.decode(r[:n].tolist()) for r, n in zip(resp, n_tok)]
+    # 2) rewards (an unfinished response gets 0) and advantages within each group
+    r = torch.tensor([total_reward(p, t) if e else 0.0 for p, t, e in zip(flat, texts, ended.tolist())])
+    groups = r.view(prompts_per_step, group_size)
+    zero_std = (groups == groups[:, :1]).all(1)
+    adv = group_advantages(groups, baseline, scale).reshape(-1, 1).to(device)
+    keep = torch.arange(len(flat), device=device)
+    if dynamic_sampling:
+        keep = (~zero_std).repeat_interleave(group_size).nonzero().squeeze(1).to(device)
+    # 3) old (= sampling) log-probs, reference log-probs
+    with torch.no_grad():
+        old_logp, ent = response_logprobs(policy, prompt_ids, prompt_mask, resp, resp_mask, with_entropy=True)
+        ref_logp = response_logprobs(ref, prompt_ids, prompt_mask, resp, resp_mask) if ref is not None else None
+    # 4) mu passes of clipped-surrogate updates over minibatches
+    policy.train()
+    for g in optimizer.param_groups:
+        g["lr"] = lr * min(1.0, (step + 1) / warmup_steps)  # linear warmup, then constant
+    stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    n_updates = 0
+    for _ in range(mu if len(keep) else 0):
+        for mb in keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed + step))].chunk(minibatches):
+            logp = response_logprobs(policy, prompt_ids[mb], prompt_mask[mb], resp[mb], resp_mask[mb])
+            token_loss, low, high = clipped_surrogate(logp, old_logp[mb], adv[mb], eps_low, eps_high)
+            if ref is not None:
+                kl = k3_kl(logp, ref_logp[mb])
+                token_loss = token_loss + beta * kl
+                stats["kl"] += aggregate(kl.detach(), resp_mask[mb], "token_mean").item()
+            loss = aggregate(token_loss, resp_mask[mb], agg, max_new_tokens)
+            scaler.scale(loss).backward()
+            stats["grad_norm"] += optimizer_step(policy, optimizer, scaler, grad_clip)
+            stats["loss"] += loss.item()
+            stats["clip_low"] += aggregate(low.float(), resp_mask[mb], "token_mean").item()
+            stats["clip_high"] += aggregate(high.float(), resp_mask[mb], "token_mean").item()
+            n_updates += 1
+    stats = {k: v / max(1, n_updates) for k, v in stats.items()}
+    if ref is None:
+        stats.pop("kl")
+    stats.update(reward=r.mean().item(), reward_std=r.std().item(), zero_std_frac=zero_std.float().mean().item(),
+                 len_mean=n_tok.float().mean().item(), len_max=int(n_tok.max()), trunc=1 - ended.float().mean().item(),
+                 entropy=aggregate(ent, resp_mask, "token_mean").item())
+    bar.set_postfix(reward=f"{stats['reward']:.3f}", pass1=f"{metrics['eval/pass@1']:.3f}")
+    done = step + 1
+    if done % log_interval == 0:
+        logger.log(step=done, **stats)
+    if done % eval_interval == 0 or done == max_steps:
+        metrics = evaluate()
+        logger.log(step=done, **metrics)
+        bar.write(f"step {done} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+save_checkpoint(ckpt_path, policy, tok, step=max_steps, config=config)
+summary = {"steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
+           "n_eval_prompts": len(eval_prompts), "samples_per_prompt": eval_k, "start": start, "final": metrics}
+write_json(os.path.join(out_dir, "summary.json"), summary)
+print(f"held-out pass@1: {start['eval/pass@1']:.3f} -> {metrics['eval/pass@1']:.3f}"
+      f" ({100 * (metrics['eval/pass@1'] - start['eval/pass@1']):+.1f} points)\nwrote {ckpt_path}")
