@@ -139,3 +139,18 @@ def test_train_grpo_tiny_run(tmp_path, sft_ckpt, extra):
     assert ("kl" in steps[0]) == bool(extra)
     summary = json.load(open(out / "summary.json"))
     assert {"eval/pass@1", "eval/pass@2", "eval/gold"} <= set(summary["final"])
+
+
+def test_train_grpo_on_a_problem_file(tmp_path, sft_ckpt):
+    """GSM8K-format problems: the answer checker is the reward, held-out problems are split off."""
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"step\n#### {i + 1}"}) + "\n"
+                            for i in range(12)))
+    out = tmp_path / "grpo"
+    r = subprocess.run([sys.executable, "train_grpo.py", f"--init_from={sft_ckpt}", f"--out_dir={out}",
+                        f"--data_path={path}", "--rewards=answer", "--prompts_per_step=2", "--group_size=2",
+                        "--max_steps=1", "--n_eval=4", "--eval_k=2", "--max_new_tokens=8", "--device=cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["n_eval_prompts"] == 4 and "eval/gold" not in summary["final"]
