@@ -109,3 +109,85 @@ def aggregate(token_loss, mask, mode, max_len=None):
     if mode == "constant":
         return (token_loss * mask).sum() / (token_loss.shape[0] * max_len)
     raise ValueError(f"unknown aggregation {mode!r}")
+
+
+# ------------------------------------------------------------------------------ the DPO family
+# Arguments are per-sequence log-probs [B]: `pc`, `pr` the policy's for chosen and rejected, `rc`, `rr`
+# the reference's. `h` below is the difference of log-ratios: (pc - rc) - (pr - rr).
+
+def dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0):
+    """DPO (Rafailov et al. 2023), and with label_smoothing = eps > 0 conservative DPO (cDPO,
+    Mitchell 2023), which assumes each label is flipped with probability eps:
+
+        loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+
+    Example: pc, rc = -8.2, -8.5; pr, rr = -9.5, -9.1; beta 0.1 -> h = 0.7, logit 0.07, loss 0.659.
+    """
+    z = beta * ((pc - rc) - (pr - rr))
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def robust_dpo_loss(pc, pr, rc, rr, beta=0.1, eps=0.1):
+    """Robust DPO (Chowdhury et al. 2024): unbiased under labels flipped with probability eps < 0.5,
+
+        loss = ((1 - eps) * -log sigmoid(beta h) - eps * -log sigmoid(-beta h)) / (1 - 2 eps)
+    """
+    z = beta * ((pc - rc) - (pr - rr))
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+def hinge_loss(pc, pr, rc, rr, beta=0.1):
+    """SLiC-HF's calibration loss (Zhao et al. 2023) on the log-ratios: relu(1 - beta h)."""
+    return F.relu(1 - beta * ((pc - rc) - (pr - rr)))
+
+
+def ipo_loss(pc, pr, rc, rr, beta=0.1):
+    """IPO (Azar et al. 2023): regress h onto 1 / (2 beta) instead of pushing it to infinity:
+
+        loss = (h - 1 / (2 beta))^2
+    Pass length-normalised log-probs (mean per token, as TRL does) or sums; train_dpo.py uses means."""
+    return ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(avg_pc, avg_pr, beta=2.0, gamma=1.0):
+    """SimPO (Meng et al. 2024): reference-free, length-normalised, with a target margin gamma:
+
+        loss = -log sigmoid(beta (avg_logp_c - avg_logp_r) - gamma)
+    """
+    return -F.logsigmoid(beta * (avg_pc - avg_pr) - gamma)
+
+
+def orpo_loss(avg_pc, avg_pr, lam=0.1):
+    """ORPO (Hong et al. 2024): reference-free; SFT on the chosen plus an odds-ratio term:
+
+        odds(y) = p / (1 - p) with p = exp(avg_logp(y))   (the length-averaged probability)
+        loss = -avg_logp_c - lam * log sigmoid(log odds_c - log odds_r)
+    log odds = avg_logp - log(1 - exp(avg_logp)), computed stably with log1p(-exp(.)).
+    """
+    log_odds = lambda a: a - torch.log1p(-torch.exp(a.clamp(max=-1e-6)))
+    return -avg_pc - lam * F.logsigmoid(log_odds(avg_pc) - log_odds(avg_pr))
+
+
+def rpo_loss(pc, pr, rc, rr, avg_pc, beta=0.1, alpha=1.0):
+    """RPO (Pang et al. 2024): DPO plus alpha times the chosen response's NLL per token:
+
+        loss = dpo(h) - alpha * avg_logp_c
+    """
+    return dpo_loss(pc, pr, rc, rr, beta) - alpha * avg_pc
+
+
+def kto_reference_point(logp_mismatched, ref_mismatched):
+    """KTO's z0: an estimate of KL(pi || pi_ref) from completions paired with *other* prompts of the
+    batch, averaged, clamped at 0 and detached (it is a reference point, not something to optimise)."""
+    return (logp_mismatched - ref_mismatched).mean().clamp(min=0).detach()
+
+
+def kto_loss(logp, ref_logp, desirable, z0, beta=0.1, lambda_d=1.0, lambda_u=1.0):
+    """KTO (Ethayarajh et al. 2024) on unpaired examples, r = logp - ref_logp:
+
+        desirable:   lambda_D * (1 - sigmoid(beta (r - z0)))
+        undesirable: lambda_U * (1 - sigmoid(beta (z0 - r)))
+    """
+    r = logp - ref_logp
+    return torch.where(desirable, lambda_d * (1 - torch.sigmoid(beta * (r - z0))),
+                       lambda_u * (1 - torch.sigmoid(beta * (z0 - r))))
