@@ -11,16 +11,6 @@ TINY = ["--n_train=40", "--n_eval=4", "--batch_size=4", "--max_steps=2", "--eval
         "--device=cpu"]
 
 
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    r = subprocess.run([sys.executable, "train_sft.py", f"--out_dir={out}", "--n_layer=1", "--n_head=2",
-                        "--n_embd=32", "--batch_size=8", "--n_train=200", "--n_eval=8", "--max_steps=3",
-                        "--eval_interval=1000", "--device=cpu"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return str(out / "ckpt.pt")
-
-
 def run_dpo(out, sft_ckpt, *args):
     r = subprocess.run([sys.executable, "train_dpo.py", f"--init_from={sft_ckpt}", f"--out_dir={out}", *TINY, *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -112,16 +112,6 @@ def test_verifiable_rewards():
     assert pass_at_k(4, 0, 4) == 0.0
 
 
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    r = subprocess.run([sys.executable, "train_sft.py", f"--out_dir={out}", "--n_layer=1", "--n_head=2",
-                        "--n_embd=32", "--batch_size=8", "--n_train=200", "--n_eval=8", "--max_steps=3",
-                        "--eval_interval=1000", "--device=cpu"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return str(out / "ckpt.pt")
-
-
 @pytest.mark.parametrize("extra", [[], ["--beta=0.05", "--mu=2", "--minibatches=2", "--dynamic_sampling=True",
                                         "--agg=constant", "--eps_high=0.28", "--rewards=verify:1,format:0.5"]])
 def test_train_grpo_tiny_run(tmp_path, sft_ckpt, extra):

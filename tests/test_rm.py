@@ -106,16 +106,6 @@ def test_best_of_n_picks_the_argmax():
     assert best_of_n(scores).tolist() == [1, 0, 1]
 
 
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    r = subprocess.run([sys.executable, "train_sft.py", f"--out_dir={out}", "--n_layer=1", "--n_head=2",
-                        "--n_embd=32", "--batch_size=8", "--n_train=200", "--n_eval=8", "--max_steps=3",
-                        "--eval_interval=1000", "--device=cpu"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return str(out / "ckpt.pt")
-
-
 def run(script, *args):
     r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -128,7 +118,6 @@ TINY_RM = ["--n_train=100", "--n_eval=20", "--n_norm=16", "--batch_size=4", "--m
 
 def test_train_rm_outcome_end_to_end(tmp_path, sft_ckpt):
     """A tiny outcome RM run: metrics, summary with both accuracies, a normalised, loadable checkpoint."""
-    from nanoalign.rewards import outcome_scores
     from nanoalign.utils import load_checkpoint
     out = tmp_path / "rm"
     stdout = run("train_rm.py", f"--init_from={sft_ckpt}", f"--out_dir={out}", *TINY_RM)
