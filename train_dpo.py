@@ -1,8 +1,12 @@
 """
-Offline preference optimisation: DPO and its family, one script, one loss function each.
+Preference optimisation: DPO and its family, offline, online (iterative) or as SPIN; one script, one
+loss function each.
 
     python train_dpo.py                         # DPO from out/sft/ckpt.pt on the built-in preference pairs
     python train_dpo.py --loss=ipo --beta=0.5   # or cdpo, robust, hinge, simpo, orpo, kto, rpo
+    python train_dpo.py --online=True           # online DPO: fresh pairs from the policy's samples each round
+    python train_dpo.py --online=True --judge=out/prm/ckpt.pt   # ... ranked by a reward model (RLAIF)
+    python train_dpo.py --spin=True             # SPIN: demonstration vs the policy's own sample
     python train_dpo.py --data_path=hh.jsonl.gz --init_from=sft-gpt2.pt --device=cuda
 
 Implementation details:
@@ -17,7 +21,25 @@ Implementation details:
 4. Evaluation on held-out prompts: one sample each from the policy and from the start (SFT) policy,
    scored by the gold scorer; win rate = P(policy's gold > SFT's) + 0.5 P(tie). KL to the reference
    is the mean over the policy's samples of sum_t (log pi - log pi_ref), the reference loaded from
-   `init_from` for the evaluation only.
+   `init_from` for the evaluation only (always the SFT model, also online, so runs compare).
+5. Training is a sequence of rounds, each with its own pairs and reference; offline is one round with
+   the fixed data set and the SFT reference. Online (`--online`, iterative DPO, Xu et al. 2023) and
+   SPIN (`--spin`, Chen et al. 2024) run `rounds` rounds of max_steps / rounds steps each, so every mode
+   takes the same number of optimizer steps; the learning-rate schedule and the optimizer state run
+   on across rounds. At the start of a round:
+   - online: sample k_samples responses per prompt from the current policy (KV-cache sampler,
+     temperature 1); the judge scores them (the gold scorer, the verifier, or a reward model from
+     train_rm.py: outcome reward at the EOS, or a process RM's weakest step); the best and the worst
+     of each prompt become a pair. An unfinished response (no EOS) ranks below every finished one;
+     a prompt whose best and worst tie carries no preference and is skipped (counted: round/tied_frac).
+   - SPIN: chosen = the SFT demonstration of the prompt (built-in: task.sft_records, the data SFT was
+     trained on; a file: the pair's chosen response), rejected = the policy's own sample for it; a
+     sample identical to the demonstration is skipped (counted as tied).
+   The pairs hold the sampled tokens as they were sampled (an unfinished one has no EOS appended).
+6. The reference of a round (ref_update, logged as round/ref_update): "round" (default) is the policy
+   as it starts the round, as in iterative DPO and SPIN: each round's DPO is anchored where the
+   round began, and the first step of every round has implicit rewards 0. "fixed" is always the SFT
+   model. Either way its log-probs for the round's pairs are precomputed (or it is kept live, --ref).
 
 Logged metrics (metrics.jsonl), with the usual names:
   loss                         the loss of the step (mean over pairs)
@@ -26,7 +48,15 @@ Logged metrics (metrics.jsonl), with the usual names:
   rewards/margins              mean of rewards/chosen - rewards/rejected
   logps/chosen, logps/rejected mean sequence log-probs under the policy
   eval/win_rate, eval/kl, eval/length, eval/gold    held-out, as in detail 4
+  round, round/pairs           (online, SPIN; one line per round) the round (1-based) and its fresh pairs
+  round/tied_frac              fraction of the round's prompts skipped because best and worst tied
+  round/judge_mean             mean judge score of the round's finished samples (online)
+  round/gold_mean              mean gold score of the round's samples, unfinished ones 0 (built-in task)
+  round/eos_frac               fraction of the round's samples that ended with EOS
+  round/ref_update             "round" or "fixed", as in detail 6
 """
+import copy
+import json
 import os
 import random
 import time
@@ -36,7 +66,8 @@ from tqdm import tqdm
 
 from nanoalign import data, losses, task
 from nanoalign.core import pad, sequence_logprob, token_logprobs
-from nanoalign.rewards import response_tokens
+from nanoalign.rewards import outcome_scores, process_score, response_tokens, step_scores
+from nanoalign.sampling import generate
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint,
                              setup_device, step_generator, write_json)
 
@@ -44,7 +75,7 @@ from nanoalign.utils import (JsonlLogger, configure, cosine_lr, load_checkpoint,
 out_dir = "out/dpo"  # checkpoint, metrics.jsonl and summary.json go here
 loss = "dpo"  # dpo, cdpo, robust, hinge, ipo, simpo, orpo, kto, rpo
 init_from = "out/sft/ckpt.pt"  # the policy to start from, and the reference
-data_path = "builtin"  # "builtin", or a preference file (or an unpaired file for kto)
+data_path = "builtin"  # "builtin", or a preference file (or an unpaired file for kto); online/spin: its prompts
 n_train = 20000  # builtin: training pairs (or unpaired examples for kto)
 beta = 0.5  # the loss's temperature (DPO family), or SimPO's scale
 label_smoothing = 0.1  # cdpo and robust: the assumed label-flip rate
@@ -54,6 +85,14 @@ rpo_alpha = 1.0  # rpo: weight of the chosen NLL
 kto_lambda_d = 1.0  # kto: weight of desirable examples
 kto_lambda_u = 1.0  # kto: weight of undesirable examples
 ref = "precompute"  # "precompute" (one pass, then freed) or "live" (a frozen copy)
+online = False  # online DPO: each round, best vs worst of k_samples policy samples per prompt, ranked by judge
+spin = False  # SPIN: each round, chosen = the SFT demonstration, rejected = the policy's own sample
+rounds = 5  # online/spin: rounds of max_steps // rounds steps, each on fresh pairs
+k_samples = 4  # online: responses sampled per prompt
+prompts_per_round = 512  # online/spin: prompts per round (builtin: new train prompts; a file: the next ones)
+judge = "gold"  # online: "gold" or "verify" (built-in task only), or a reward-model checkpoint from train_rm.py
+ref_update = "round"  # online/spin: reference = the policy at the round's start ("round") or the SFT ("fixed")
+max_new_tokens = 48  # online/spin: the longest sampled response, in tokens
 batch_size = 32  # pairs (or unpaired examples) per step
 max_steps = 300  # optimizer steps
 lr = 1e-4  # peak learning rate
@@ -71,37 +110,77 @@ config = configure(globals())
 LOSSES = ("dpo", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto", "rpo")
 if loss not in LOSSES:
     raise SystemExit(f"unknown loss {loss!r}; one of {LOSSES}")
+ONLINE = online or spin  # pairs made each round from the policy's own samples
+if online and spin:
+    raise SystemExit("--online and --spin are different ways of making pairs; choose one")
+if ONLINE and loss == "kto":
+    raise SystemExit("online DPO and SPIN make pairs; kto trains on unpaired examples")
+if ref_update not in ("round", "fixed"):
+    raise SystemExit(f"ref_update must be 'round' or 'fixed', got {ref_update!r}")
+if online and judge in ("gold", "verify") and data_path != "builtin":
+    raise SystemExit(f"judge={judge!r} exists only for the built-in task; with a data file, pass a reward-model "
+                     f"checkpoint from train_rm.py (--judge=out/rm/ckpt.pt)")
+if online and judge not in ("gold", "verify") and not os.path.isfile(judge):
+    raise SystemExit(f"judge must be 'gold', 'verify' or a reward-model checkpoint; {judge!r} is no file")
 REFERENCE_FREE = loss in ("simpo", "orpo")
+n_rounds = max(1, min(rounds, max_steps)) if ONLINE else 1
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 device, autocast, scaler = setup_device(device, dtype)
 policy, tok, _ = load_checkpoint(init_from, device)
 optimizer = policy.configure_optimizer(0.0, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
+T = policy.config.block_size
 
 # -------------------------------------------------------------------------- data: token sequences
-kind = "unpaired" if loss == "kto" else "preference"
-if data_path == "builtin":
-    make = task.unpaired_records if loss == "kto" else task.preference_records
-    records = data.normalise(make(n_train, seed), kind, "builtin-train")
-else:
-    records, _ = data.load(data_path, kind)
-T = policy.config.block_size
-if loss == "kto":  # (prompt + completion, label, prompt + a mismatched completion for z0)
-    partner = list(range(len(records)))
-    random.Random(seed).shuffle(partner)
-    examples = [(response_tokens(tok, r["prompt"], r["completion"]),
-                 r["label"], response_tokens(tok, r["prompt"], records[j]["completion"]))
-                for r, j in zip(records, partner)]
-    seqs = [[e[0], e[2]] for e in examples]
-else:  # (prompt + chosen, prompt + rejected)
-    seqs = [[response_tokens(tok, r["prompt"], r["chosen"]), response_tokens(tok, r["prompt"], r["rejected"])]
-            for r in records]
-keep = [i for i, s in enumerate(seqs) if all(len(x[0]) <= T for x in s)]
-if len(keep) < len(seqs):
-    print(f"skipped {len(seqs) - len(keep)} examples longer than the context ({T} tokens)")
-seqs = [seqs[i] for i in keep]
-labels = torch.tensor([examples[i][1] for i in keep]) if loss == "kto" else None
-print(f"{loss}: {len(seqs)} training {'examples' if loss == 'kto' else 'pairs'} from {data_path}")
+# seqs[i] = [(ids, response mask) of the first sequence, ... of the second]: chosen and rejected (KTO: the
+# example and a mismatched completion). Offline they are the data set; online and SPIN, the round's pairs.
+seqs, labels = [], None
+if not ONLINE:
+    kind = "unpaired" if loss == "kto" else "preference"
+    if data_path == "builtin":
+        make = task.unpaired_records if loss == "kto" else task.preference_records
+        records = data.normalise(make(n_train, seed), kind, "builtin-train")
+    else:
+        records, _ = data.load(data_path, kind)
+    if loss == "kto":  # (prompt + completion, label, prompt + a mismatched completion for z0)
+        partner = list(range(len(records)))
+        random.Random(seed).shuffle(partner)
+        examples = [(response_tokens(tok, r["prompt"], r["completion"]),
+                     r["label"], response_tokens(tok, r["prompt"], records[j]["completion"]))
+                    for r, j in zip(records, partner)]
+        seqs = [[e[0], e[2]] for e in examples]
+    else:  # (prompt + chosen, prompt + rejected)
+        seqs = [[response_tokens(tok, r["prompt"], r["chosen"]), response_tokens(tok, r["prompt"], r["rejected"])]
+                for r in records]
+    keep = [i for i, s in enumerate(seqs) if all(len(x[0]) <= T for x in s)]
+    if len(keep) < len(seqs):
+        print(f"skipped {len(seqs) - len(keep)} examples longer than the context ({T} tokens)")
+    seqs = [seqs[i] for i in keep]
+    labels = torch.tensor([examples[i][1] for i in keep]) if loss == "kto" else None
+    print(f"{loss}: {len(seqs)} training {'examples' if loss == 'kto' else 'pairs'} from {data_path}")
+else:  # a pool of (prompt messages, prompt text for the task's scorers, demonstration for SPIN)
+    n_pool = prompts_per_round * n_rounds
+    if data_path == "builtin":
+        pool = [([{"role": "user", "content": r["prompt"]}], r["prompt"], r["response"])
+                for r in task.sft_records(n_pool, seed)] if spin else \
+            [([{"role": "user", "content": p}], p, None) for p in task.prompts(n_pool, seed, split="train")]
+    else:  # the file's distinct prompts, in order (SPIN: with the first chosen response of each)
+        records, seen, pool = data.load(data_path, "preference")[0], set(), []
+        for r in records:
+            key = json.dumps(r["prompt"])
+            if key not in seen:
+                seen.add(key)
+                pool.append((r["prompt"], None, r["chosen"]))
+    fits = [x for x in pool if len(tok.render_prompt(x[0])) + max_new_tokens <= T
+            and (not spin or len(response_tokens(tok, x[0], x[2])[0]) <= T)]
+    if len(fits) < len(pool):
+        print(f"skipped {len(pool) - len(fits)} prompts too long for the context ({T} tokens)")
+    pool = fits
+    if not pool:
+        raise SystemExit(f"no usable prompt in {data_path}")
+    what = f"best vs worst of {k_samples} samples judged by {judge}" if online else "demonstration vs own sample"
+    print(f"{'online' if online else 'spin'} {loss}: {n_rounds} rounds of {prompts_per_round} prompts from "
+          f"{data_path}, {what}, reference: {'the round start' if ref_update == 'round' else 'SFT'}")
 
 
 def seq_logps(model, batch_seqs):
@@ -121,18 +200,111 @@ def flat(idx):
     return [seqs[i][0] for i in idx] + [seqs[i][1] for i in idx]
 
 
+# -------------------------------------------------------------------------- online and SPIN: fresh pairs
+def best_vs_worst(scores):
+    """Online pairing. `scores`: for each prompt, its k samples' judge scores (-inf: unfinished).
+    -> (pairs, n_tied): (prompt index, index of the best sample, index of the worst) for every prompt whose
+    best scores higher than its worst (the first best and the first worst in sample order), and the
+    number of prompts skipped because all their scores tie (no preference to learn)."""
+    pairs, tied = [], 0
+    for i, s in enumerate(scores):
+        best = max(range(len(s)), key=lambda j: s[j])
+        worst = min(range(len(s)), key=lambda j: s[j])
+        if s[best] > s[worst]:
+            pairs.append((i, best, worst))
+        else:
+            tied += 1
+    return pairs, tied
+
+
+@torch.no_grad()
+def sample(prompt_msgs, generator):
+    """One response per prompt from the current policy (KV cache, temperature 1).
+    -> list of ((ids, response mask), text, ended with EOS): the tokens exactly as sampled."""
+    out = []
+    for i in range(0, len(prompt_msgs), 256):
+        prompt_ids = [tok.render_prompt(m) for m in prompt_msgs[i:i + 256]]
+        ids, mask = generate(policy, prompt_ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator)
+        for p, row, n in zip(prompt_ids, ids.tolist(), mask.sum(1).tolist()):
+            r = row[:n]
+            out.append(((p + r, [0] * len(p) + [1] * len(r)), tok.decode(r), n > 0 and r[-1] == tok.eos_id))
+    return out
+
+
+judge_model, judge_kind = None, None
+if online and judge not in ("gold", "verify"):  # RLAIF: a reward model ranks the samples
+    judge_model, _, judge_ckpt = load_checkpoint(judge, device)
+    if judge_ckpt.get("kind") != "scalar":
+        raise SystemExit(f"{judge} is not a reward-model checkpoint (train_rm.py writes those)")
+    judge_model.eval().requires_grad_(False)
+    judge_kind = judge_ckpt.get("rm_kind", "outcome")
+
+
+def judge_scores(msgs, prompt_texts, texts):
+    """The judge's score of each (prompt, response): gold, verify, an outcome RM's reward or a process
+    RM's weakest step."""
+    if judge in ("gold", "verify"):
+        f = task.gold if judge == "gold" else task.verify
+        return [f(p, t) for p, t in zip(prompt_texts, texts)]
+    if judge_kind == "process":
+        return [process_score(s) for s in step_scores(judge_model, tok, msgs, texts)]
+    return outcome_scores(judge_model, tok, msgs, texts).tolist()
+
+
+def make_pairs(r):
+    """Round r's pairs from the current policy's samples. -> (pairs as seqs, round metrics)."""
+    chunk = [pool[(r * prompts_per_round + i) % len(pool)] for i in range(min(prompts_per_round, len(pool)))]
+    k = 1 if spin else k_samples
+    rows = [c for c in chunk for _ in range(k)]  # prompt i's samples are rows i*k .. i*k + k-1
+    samples = sample([c[0] for c in rows], torch.Generator(device=device).manual_seed(seed * 1000 + r))
+    texts, ended = [s[1] for s in samples], [s[2] for s in samples]
+    stats = {"round": r + 1, "round/eos_frac": sum(ended) / len(samples), "round/ref_update": ref_update}
+    if data_path == "builtin":
+        stats["round/gold_mean"] = sum(task.gold(c[1], t) if e else 0.0 for c, t, e in zip(rows, texts, ended)) / len(rows)
+    if spin:
+        new, tied = [], 0
+        for (msgs, _, demo), (seq, text, e) in zip(chunk, samples):
+            if e and text == demo:  # the policy reproduced the demonstration: nothing to push apart
+                tied += 1
+            else:
+                new.append([response_tokens(tok, msgs, demo), seq])
+    else:
+        scores = judge_scores([c[0] for c in rows], [c[1] for c in rows], texts)
+        finished = [s for s, e in zip(scores, ended) if e]
+        stats["round/judge_mean"] = sum(finished) / len(finished) if finished else 0.0
+        ranked = [s if e else float("-inf") for s, e in zip(scores, ended)]  # unfinished: below everything
+        pairs, tied = best_vs_worst([ranked[i * k:(i + 1) * k] for i in range(len(chunk))])
+        new = [[samples[i * k + b][0], samples[i * k + w][0]] for i, b, w in pairs]
+    stats.update({"round/pairs": len(new), "round/tied_frac": tied / len(chunk)})
+    return new, stats
+
+
 # -------------------------------------------------------------------------- the reference
 ref_model, ref_table = None, None
-if not REFERENCE_FREE:
-    ref_model = load_checkpoint(init_from, device)[0].eval().requires_grad_(False)
-    if ref == "precompute":  # one pass over the data, then the reference is freed
-        chunks = []
-        with torch.no_grad():
-            for i in tqdm(range(0, len(seqs), 64), desc="reference log-probs"):
-                idx = list(range(i, min(i + 64, len(seqs))))
-                chunks.append(torch.stack(seq_logps(ref_model, flat(idx))).view(2, 2, -1).permute(2, 0, 1).cpu())
-        ref_table = torch.cat(chunks)  # [N, (sum, mean), (first, second)]
-        ref_model = None
+
+
+def round_reference():
+    """The frozen reference of a round: the SFT model (`init_from`), or with ref_update="round" (online,
+    SPIN) a copy of the policy as it starts the round. In the first round the two are the same model."""
+    if ONLINE and ref_update == "round":
+        return copy.deepcopy(policy).eval().requires_grad_(False)
+    return load_checkpoint(init_from, device)[0].eval().requires_grad_(False)
+
+
+def set_reference(model):
+    """Make `model` the reference for the current `seqs`: keep it ("live"), or precompute its log-probs
+    in one pass and free it ("precompute")."""
+    global ref_model, ref_table
+    if ref == "live":
+        ref_model = model
+        return
+    chunks = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(seqs), 64), desc="reference log-probs", leave=False):
+            idx = list(range(i, min(i + 64, len(seqs))))
+            chunks.append(torch.stack(seq_logps(model, flat(idx))).view(2, 2, -1).permute(2, 0, 1).cpu())
+    ref_table = torch.cat(chunks)  # [N, (sum, mean), (first, second)]
+    ref_model = None
 
 
 def reference_logps(idx):
@@ -204,31 +376,56 @@ def evaluate():
 logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
 start = {"eval/gold": sum(sft_gold) / len(sft_gold), "eval/length": sum(s[2] for s in sft_samples) / len(sft_samples)}
 print(f"start: held-out gold {start['eval/gold']:.3f}, length {start['eval/length']:.1f}")
-t0, metrics = time.time(), {}
-policy.train()
-bar = tqdm(range(max_steps), desc=loss)
-for step in bar:
-    idx = torch.randint(len(seqs), (batch_size,), generator=step_generator(seed, step)).tolist()
-    for g in optimizer.param_groups:
-        g["lr"] = cosine_lr(step, lr, warmup_steps, max_steps, min_lr)
-    loss_value, stats = compute_loss(idx)
-    scaler.scale(loss_value).backward()
-    grad_norm = optimizer_step(policy, optimizer, scaler, grad_clip)
-    bar.set_postfix(loss=f"{loss_value.item():.3f}")
-    done = step + 1
-    if done % log_interval == 0:
-        logger.log(step=done, loss=loss_value.item(), grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], **stats)
-    if done % eval_interval == 0 or done == max_steps:
-        policy.eval()
-        metrics = evaluate()
-        policy.train()
-        logger.log(step=done, **metrics)
-        bar.write(f"step {done} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+t0, metrics, round_log, steps_done, evaluated_at = time.time(), {}, [], 0, None
+bounds = [max_steps * r // n_rounds for r in range(n_rounds + 1)]  # round r trains steps bounds[r] .. bounds[r+1]-1
+bar = tqdm(total=max_steps, desc=loss if not ONLINE else f"{'online' if online else 'spin'} {loss}")
+for r in range(n_rounds):
+    if ONLINE:  # fresh pairs from the policy as it is now
+        seqs, stats = make_pairs(r)
+        round_log.append(stats)
+        logger.log(step=bounds[r], **stats)
+        bar.write(f"round {r + 1}: " + " ".join(f"{k[6:]} {v:.3f}" if isinstance(v, float) else f"{k[6:]} {v}"
+                                               for k, v in stats.items() if k.startswith("round/")))
+        if not seqs:
+            bar.write(f"round {r + 1}: no pairs (every prompt tied); its {bounds[r + 1] - bounds[r]} steps are skipped")
+            bar.update(bounds[r + 1] - bounds[r])
+            continue
+    if not REFERENCE_FREE:
+        set_reference(round_reference())
+    policy.train()
+    for step in range(bounds[r], bounds[r + 1]):
+        idx = torch.randint(len(seqs), (batch_size,), generator=step_generator(seed, step)).tolist()
+        for g in optimizer.param_groups:
+            g["lr"] = cosine_lr(step, lr, warmup_steps, max_steps, min_lr)
+        loss_value, stats = compute_loss(idx)
+        scaler.scale(loss_value).backward()
+        grad_norm = optimizer_step(policy, optimizer, scaler, grad_clip)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value.item():.3f}")
+        done, steps_done = step + 1, steps_done + 1
+        if done % log_interval == 0:
+            logger.log(step=done, loss=loss_value.item(), grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
+                       **stats)
+        if done % eval_interval == 0 or done == max_steps:
+            policy.eval()
+            metrics, evaluated_at = evaluate(), done
+            policy.train()
+            logger.log(step=done, **metrics)
+            bar.write(f"step {done} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+bar.close()
+if evaluated_at != max_steps:  # the last round(s) had no pairs
+    policy.eval()
+    metrics = evaluate()
+    logger.log(step=max_steps, **metrics)
 
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-save_checkpoint(ckpt_path, policy, tok, step=max_steps, config=config)
-summary = {"loss": loss, "steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
-           "n_eval_prompts": n_eval, "start": start, "final": metrics}
+save_checkpoint(ckpt_path, policy, tok, step=steps_done, config=config)
+summary = {"loss": loss, "mode": "online" if online else "spin" if spin else "offline", "steps": steps_done,
+           "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path, "n_eval_prompts": n_eval,
+           "start": start, "final": metrics}
+if ONLINE:
+    summary.update({"judge": judge if online else None, "ref_update": ref_update, "rounds": round_log})
 write_json(os.path.join(out_dir, "summary.json"), summary)
 print(f"held-out: gold win rate vs SFT {metrics['eval/win_rate']:.3f}, KL {metrics['eval/kl']:.2f}, "
-      f"length {metrics['eval/length']:.1f} (SFT {start['eval/length']:.1f})\nwrote {ckpt_path}")
+      f"gold {metrics['eval/gold']:.3f}, length {metrics['eval/length']:.1f} (SFT {start['eval/length']:.1f})\n"
+      f"wrote {ckpt_path}")
