@@ -151,7 +151,7 @@ def init_model(init_from, tokenizer, model_config, device):
         return GPT(GPTConfig(vocab_size=tok.n_vocab, **model_config)).to(device), tok
     if init_from.endswith(".pt"):
         model, tok, _ = load_checkpoint(init_from, device)
-        return model, tok
+        return (model.gpt if isinstance(model, ScalarModel) else model), tok  # a reward model: its body
     tok = get_tokenizer(tokenizer if tokenizer.startswith("gpt2") else "gpt2")
     return GPT.from_pretrained(init_from, vocab_size=tok.n_vocab).to(device), tok
 
