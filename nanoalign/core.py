@@ -103,3 +103,14 @@ def kl_penalized_reward(score, logp, ref_logp, beta):
     The second term is the sampled (k1) estimate of KL(pi || pi_ref); per token in PPO, per
     sequence here."""
     return score - beta * (logp - ref_logp)
+
+
+def per_token_rewards(score, kl, mask, beta):
+    """PPO's per-token rewards (Ziegler et al. 2019): r_t = -beta * KL_t on every real token, plus the
+    sequence's score at its last real token (the EOS). [B], [B, T], [B, T] -> [B, T]; padding gets 0.
+    Summed over a response this is `kl_penalized_reward` with the KL taken token by token."""
+    mask = mask.to(kl.dtype)
+    rewards = -beta * kl * mask
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_index(mask)] += score
+    return rewards

@@ -111,6 +111,56 @@ def aggregate(token_loss, mask, mode, max_len=None):
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
+# ------------------------------------------------------------------------------ PPO (RLHF with a critic)
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded responses. [B, T] each.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t          (V = 0 after the last real token)
+        A_t     = delta_t + gamma * lam * A_{t+1}      (A = 0 after the last real token)
+        returns = A + V                                (the critic's regression targets)
+
+    With gamma = lam = 1, A_t = sum_{k >= t} r_k - V_t. Padding gets advantage and return 0.
+    Example: r = [0, 0, 1], V = [0.5, 0.6, 0.7], gamma 1, lam 0.9 -> deltas [0.1, 0.1, 0.3],
+    A = [0.1 + 0.9 * 0.37, 0.1 + 0.9 * 0.3, 0.3] = [0.433, 0.37, 0.3].
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[1]
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]  # padding resets the recursion
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def clipped_value_loss(values, old_values, returns, clip=0.2):
+    """PPO's clipped value loss per token (as in OpenAI's baselines and lm-human-preferences):
+
+        V_clip = old_V + clip(V - old_V, -clip, clip)
+        loss   = 0.5 * max((V - R)^2, (V_clip - R)^2)
+
+    The critic cannot move a value more than `clip` from the one it had at rollout time and profit.
+    Example: V 1.5, old_V 1.0, R 2.0, clip 0.2 -> max(0.25, 0.64) / 2 = 0.32. [B, T] -> [B, T]."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def adaptive_kl_beta(beta, kl, target, horizon, n_steps):
+    """The adaptive KL controller of Ziegler et al. (2019): move beta towards the KL target,
+
+        error = clip(kl / target - 1, -0.2, 0.2)
+        beta <- beta * (1 + error * n_steps / horizon)
+
+    where `kl` is the mean sequence KL of the last batch and n_steps the number of rollouts in it.
+    KL above target raises beta (a stronger penalty), below lowers it; at most +-20% of n/horizon."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_steps / horizon)
+
+
 # ------------------------------------------------------------------------------ the DPO family
 # Arguments are per-sequence log-probs [B]: `pc`, `pr` the policy's for chosen and rejected, `rc`, `rr`
 # the reference's. `h` below is the difference of log-ratios: (pc - rc) - (pr - rr).

@@ -1,0 +1,253 @@
+"""
+PPO-based RLHF (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022): a policy, a frozen
+reference, a frozen reward model and a critic.
+
+    python train_ppo.py                                   # from out/sft/ckpt.pt and out/rm/ckpt.pt
+    python train_ppo.py --init_kl_coef=0.001 --adaptive_kl=False --max_iters=300 --out_dir=out/ppo_weak_kl
+    python train_ppo.py --critic=shared                   # a value head on the policy's own body
+
+Each iteration: roll out one response per prompt, score it with the reward model, turn the score into
+per-token rewards with a KL penalty, estimate advantages with GAE and the critic, then several epochs
+of clipped-surrogate updates over shuffled minibatches. The reward model is a proxy for the hidden gold
+scorer, so every iteration also logs the gold score of the same responses: the gap between the two
+curves is reward over-optimisation.
+
+Implementation details:
+1. Rollouts: `sampling.generate` stops each row at its first EOS; the response mask includes that EOS
+   and excludes the padding after it. Prompts are left-padded, responses right-padded, and every forward
+   gets the padding mask (position ids count real tokens only), so padding never changes a log-prob.
+2. Score: the reward model read at the EOS itself (`ScalarModel.reward`: the last real token of
+   prompt + response), on the normalised scale set by `train_rm.py` (SFT samples: mean 0, std 1).
+   A response without EOS is not scored by the RM (there is no EOS to read); it gets `no_eos_score`.
+3. Per-token reward: r_t = -beta * KL_t, plus the score at the response's last real token.
+   KL_t = log pi(y_t) - log pi_ref(y_t) ("k1", whose sum over a response is an unbiased estimate of the
+   sequence KL), or k3 (>= 0, lower variance) with kl_estimator="k3".
+4. Log-probs of the policy (old and new) and of the reference are float32 and at the sampling
+   temperature; values are read at the same positions as the logits: V_t is the value of the state
+   before response token t.
+5. Advantages: GAE(gamma, lambda) (`losses.gae`), returns = advantages + values; advantages are then
+   whitened over the real tokens of the batch (optionally the rewards too, keeping their mean).
+6. Updates: ppo_epochs passes over shuffled minibatches; policy loss = clipped surrogate
+   (`losses.clipped_surrogate`), value loss = clipped value loss (`losses.clipped_value_loss`), both
+   token means over the minibatch's real tokens; minus ent_coef * entropy. One optimizer (policy lr,
+   critic vf_lr), gradient norm clipped over both. Dropout is off throughout (eval mode), so the first
+   minibatch's ratio is exactly 1.
+7. KL control: beta fixed, or adaptive (`losses.adaptive_kl_beta`): after each iteration beta moves
+   towards target_kl by at most +-20% * batch / horizon.
+8. Critic: a separate copy of the reward model (its normalisation folded into the head) by default;
+   critic="shared" puts a fresh value head on the policy's body (loss = policy + vf_coef * value).
+
+Logged metrics (metrics.jsonl, one line per iteration):
+  rm, rm_std           mean and std of the reward model's score of the rollouts (normalised scale)
+  gold                 the gold score of the same responses (0 without EOS): the truth the RM approximates
+  kl                   mean over rollouts of sum_t (log pi - log pi_ref): the sequence KL to the reference
+  beta                 the KL coefficient used for this iteration's rewards
+  non_score_reward     mean over rollouts of sum_t -beta * KL_t
+  entropy              mean per-token entropy of the policy on its rollouts
+  approx_kl            0.5 * mean (log pi_new - log pi_old)^2 over the updates: how far one iteration moved
+  clipfrac             fraction of tokens where the ratio was clipped
+  pg_loss, vf_loss     policy and value losses; vf_clipfrac: fraction of values clipped
+  explained_var        1 - Var(returns - V) / Var(returns) of the rollout values: is the critic useful?
+  len, eos             mean response length (tokens) and fraction of rollouts that ended with EOS
+  eval/gold, eval/pass, eval/length, eval/eos   held-out prompts, one sample each
+Curves for the over-optimisation picture (kl, rm, gold per iteration) go to curves.csv (and
+curves.png if matplotlib is installed).
+"""
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanoalign import task
+from nanoalign.core import (entropy_from_logits, masked_mean, masked_var, masked_whiten, pad, per_token_rewards,
+                            token_logprobs)
+from nanoalign.heads import ScalarModel
+from nanoalign.losses import adaptive_kl_beta, clipped_surrogate, clipped_value_loss, gae, k3_kl
+from nanoalign.sampling import generate
+from nanoalign.utils import JsonlLogger, configure, load_checkpoint, optimizer_step, save_checkpoint, setup_device, write_json
+
+# ---- config (override with --key=value or a config file; --help lists them)
+out_dir = "out/ppo"  # checkpoint, metrics.jsonl, curves.csv and summary.json go here
+init_from = "out/sft/ckpt.pt"  # the policy to start from, and the frozen reference
+reward_model = "out/rm/ckpt.pt"  # an outcome reward model from train_rm.py (normalised)
+critic = "rm"  # "rm": a separate critic initialised from the reward model; "shared": a value head on the policy
+batch_size = 64  # prompts (one rollout each) per iteration
+max_iters = 100  # iterations (rollout + update)
+ppo_epochs = 4  # passes over each batch of rollouts
+minibatches = 4  # minibatches per pass
+lr = 3e-5  # policy learning rate (constant after warmup)
+vf_lr = 1e-4  # critic learning rate (the value head's, with critic="shared")
+warmup_iters = 5  # linear warmup of both learning rates
+vf_coef = 0.5  # weight of the value loss
+ent_coef = 0.0  # entropy bonus
+cliprange = 0.2  # policy ratio clip
+cliprange_value = 0.2  # value clip (in reward units)
+gamma = 1.0  # discount
+lam = 0.95  # GAE lambda
+init_kl_coef = 0.05  # beta: the KL penalty coefficient (its start, if adaptive)
+adaptive_kl = True  # adapt beta towards target_kl
+target_kl = 1.0  # adaptive: target sequence KL (nats)
+horizon = 2000  # adaptive: rollouts over which beta can change by a factor of about e^0.2
+kl_estimator = "k1"  # per-token KL in the reward: "k1" (log-ratio) or "k3"
+whiten_rewards = False  # whiten the per-token rewards (keeping their mean) before GAE
+no_eos_score = -3.0  # score of a response that never emitted EOS (normalised RM units)
+temperature = 1.0  # sampling temperature (log-probs use the same)
+max_new_tokens = 48  # longest response
+grad_clip = 1.0  # clip the gradient norm of policy + critic (0: off)
+eval_interval = 25  # iterations between held-out evaluations
+n_eval = 256  # held-out prompts per evaluation
+seed = 1337  # seeds prompts and sampling
+device = "auto"  # "auto", "cpu", "cuda", ...
+dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
+# ---- end config
+config = configure(globals())
+assert critic in ("rm", "shared") and kl_estimator in ("k1", "k3"), (critic, kl_estimator)
+os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)
+device, autocast, scaler = setup_device(device, dtype)
+gen = torch.Generator(device=device).manual_seed(seed)
+
+# -------------------------------------------------------------------------- the four roles
+policy, tok, _ = load_checkpoint(init_from, device)
+ref = load_checkpoint(init_from, device)[0].eval().requires_grad_(False)
+rm = load_checkpoint(reward_model, device)[0].eval().requires_grad_(False)
+assert isinstance(rm, ScalarModel), f"{reward_model} is not a reward model checkpoint"
+if critic == "rm":
+    value_model = load_checkpoint(reward_model, device)[0]
+    with torch.no_grad():  # fold the normalisation into the head: the critic starts as the normalised RM
+        value_model.head.weight.mul_(value_model.gain)
+        value_model.head.bias.mul_(value_model.gain).add_(value_model.bias)
+        value_model.gain.fill_(1.0), value_model.bias.fill_(0.0)
+    critic_params = list(value_model.parameters())
+else:
+    value_model = ScalarModel(policy).to(device)  # shares the policy's GPT; only the head is new
+    critic_params = list(value_model.head.parameters())
+policy.eval(), value_model.eval()  # dropout off everywhere (detail 6)
+trained = torch.nn.ModuleList([policy, value_model])  # for the gradient-norm clip
+optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": lr},
+                               {"params": critic_params, "lr": vf_lr}], betas=(0.9, 0.99), weight_decay=0.0)
+base_lrs = [lr, vf_lr]
+train_prompts = task.prompts(20000, seed, split="train")
+eval_prompts = task.prompts(n_eval, seed, split="test")
+user = lambda text: [{"role": "user", "content": text}]
+
+
+def forward(ids, mask, Tp, resp, with_values=True):
+    """Per-token log-probs, entropies and values of the response tokens, [B, N] each (detail 4)."""
+    with autocast:
+        h = policy.body(ids, mask)
+        logits = policy.lm_head(h[:, Tp - 1:-1])  # logits[t] predicts resp[t]
+        values = None
+        if with_values:
+            hv = h if value_model.gpt is policy else value_model.gpt.body(ids, mask)
+            values = value_model.head(hv[:, Tp - 1:-1]).squeeze(-1).float()
+    return token_logprobs(logits, resp, temperature), entropy_from_logits(logits, temperature), values
+
+
+@torch.no_grad()
+def evaluate():
+    return {f"eval/{k}": v for k, v in task.evaluate(policy, tok, eval_prompts, temperature=temperature, seed=seed,
+                                                        max_new_tokens=max_new_tokens).items()}
+
+
+# -------------------------------------------------------------------------- training loop
+logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
+start = evaluate()
+print("start (SFT): " + " ".join(f"{k} {v:.3f}" for k, v in start.items()))
+t0, metrics, beta, curves = time.time(), start, init_kl_coef, []
+rng = random.Random(seed)
+bar = tqdm(range(max_iters), desc="ppo")
+for it in bar:
+    # 1) rollouts (detail 1)
+    prompts = [rng.choice(train_prompts) for _ in range(batch_size)]
+    prompt_lists = [tok.render_prompt(user(p)) for p in prompts]
+    resp, resp_mask = generate(policy, prompt_lists, max_new_tokens, tok.eos_id, tok.pad_id,
+                               temperature=temperature, generator=gen)
+    prompt_ids, prompt_mask = (t.to(device) for t in pad(prompt_lists, tok.pad_id, left=True))
+    ids, mask = torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1)
+    Tp, m = prompt_ids.shape[1], resp_mask.float()
+    n_tok = resp_mask.sum(1)
+    last = (n_tok - 1).clamp(min=0)
+    ended = (resp.gather(1, last[:, None]).squeeze(1) == tok.eos_id) & (n_tok > 0)
+    texts = [tok.decode(r[:n].tolist()) for r, n in zip(resp, n_tok)]
+    with torch.no_grad():
+        # 2) the score at the EOS; 3) per-token rewards with the KL penalty
+        score = torch.where(ended, rm.reward(ids, mask), torch.full_like(n_tok, no_eos_score, dtype=torch.float))
+        old_logp, ent, old_values = forward(ids, mask, Tp, resp)
+        ref_logp = token_logprobs(ref(ids, mask)[:, Tp - 1:-1], resp, temperature)
+        kl_t = (old_logp - ref_logp if kl_estimator == "k1" else k3_kl(old_logp, ref_logp)) * m
+        rewards = per_token_rewards(score, kl_t, m, beta)
+        if whiten_rewards:
+            rewards = masked_whiten(rewards, m, shift_mean=False)
+        # 5) GAE, returns, whitened advantages
+        adv, returns = gae(rewards, old_values, m, gamma, lam)
+        adv = masked_whiten(adv, m)
+        explained_var = 1 - masked_var(returns - old_values, m) / masked_var(returns, m).clamp(min=1e-8)
+    gold = torch.tensor([task.gold(p, t) if e else 0.0 for p, t, e in zip(prompts, texts, ended.tolist())])
+    # 6) epochs of minibatch updates
+    for g, base in zip(optimizer.param_groups, base_lrs):
+        g["lr"] = base * min(1.0, (it + 1) / warmup_iters)
+    sums, n_updates = {}, 0
+    for epoch in range(ppo_epochs):
+        order = torch.randperm(batch_size, generator=torch.Generator().manual_seed(seed + 1000 * it + epoch))
+        for mb in order.to(device).chunk(minibatches):
+            logp, ent_mb, values = forward(ids[mb], mask[mb], Tp, resp[mb])
+            mm = m[mb]
+            pg_tok, low, high = clipped_surrogate(logp, old_logp[mb], adv[mb], cliprange, cliprange)
+            pg_loss = masked_mean(pg_tok, mm)
+            vf_tok = clipped_value_loss(values, old_values[mb], returns[mb], cliprange_value)
+            vf_loss = masked_mean(vf_tok, mm)
+            loss = pg_loss + vf_coef * vf_loss - ent_coef * masked_mean(ent_mb, mm)
+            scaler.scale(loss).backward()
+            stats = {"grad_norm": optimizer_step(trained, optimizer, scaler, grad_clip), "pg_loss": pg_loss.item(),
+                     "vf_loss": vf_loss.item(),
+                     "approx_kl": masked_mean(0.5 * (logp.detach() - old_logp[mb]) ** 2, mm).item(),
+                     "clipfrac": masked_mean((low | high).float(), mm).item(),
+                     "vf_clipfrac": masked_mean(((values.detach() - old_values[mb]).abs() > cliprange_value).float(),
+                                                mm).item()}
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_updates += 1
+    stats = {k: v / n_updates for k, v in sums.items()}
+    kl_seq = (old_logp - ref_logp).mul(m).sum(1).mean().item()
+    stats.update(rm=score.mean().item(), rm_std=score.std().item(), gold=gold.mean().item(), kl=kl_seq, beta=beta,
+                 non_score_reward=(-beta * kl_t).sum(1).mean().item(), entropy=masked_mean(ent, m).item(),
+                 explained_var=explained_var.item(), len=n_tok.float().mean().item(), eos=ended.float().mean().item())
+    curves.append((it + 1, kl_seq, stats["rm"], stats["gold"]))
+    # 7) KL control
+    if adaptive_kl:
+        beta = adaptive_kl_beta(beta, kl_seq, target_kl, horizon, batch_size)
+    done = it + 1
+    if done % eval_interval == 0 or done == max_iters:
+        metrics = evaluate()
+        stats.update(metrics)
+        bar.write(f"iter {done} rm {stats['rm']:.3f} gold {stats['gold']:.3f} kl {kl_seq:.3f} beta {stats['beta']:.4f} "
+                  + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    logger.log(iter=done, **stats)
+    bar.set_postfix(rm=f"{stats['rm']:.2f}", gold=f"{stats['gold']:.3f}", kl=f"{kl_seq:.2f}")
+
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+save_checkpoint(ckpt_path, policy, tok, step=max_iters, config=config)
+with open(os.path.join(out_dir, "curves.csv"), "w") as f:
+    f.write("iter,kl,rm,gold\n" + "".join(f"{i},{k:.4f},{r:.4f},{g:.4f}\n" for i, k, r, g in curves))
+try:  # the picture is optional: matplotlib is not a dependency
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kls = [c[1] for c in curves]
+    ax.plot(kls, [c[2] for c in curves], ".", alpha=0.5, label="reward model score (normalised)")
+    ax2 = ax.twinx()
+    ax2.plot(kls, [c[3] for c in curves], ".", color="C1", alpha=0.5, label="gold score")
+    ax.set_xlabel("KL(policy || reference), nats"), ax.set_ylabel("RM score"), ax2.set_ylabel("gold score")
+    fig.legend(loc="lower right"), fig.tight_layout(), fig.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
+except ImportError:
+    pass
+summary = {"iters": max_iters, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
+           "n_eval_prompts": n_eval, "start": start, "final": metrics,
+           "last_iter": {k: stats[k] for k in ("rm", "gold", "kl", "beta", "len", "eos")}}
+write_json(os.path.join(out_dir, "summary.json"), summary)
+print(f"held-out gold: {start['eval/gold']:.3f} (SFT) -> {metrics['eval/gold']:.3f}; pass {start['eval/pass']:.3f} -> "
+      f"{metrics['eval/pass']:.3f}; last KL {stats['kl']:.2f}, beta {stats['beta']:.4f}\nwrote {ckpt_path}")
