@@ -11,14 +11,11 @@ Modulo 10 keeps every number one token wide, so a step is always 5 tokens and a 
 both to do the steps and (as a reward model) to check them.
 
 Everything a post-training pipeline needs comes from a seed, with no download:
-- SFT demonstrations come from a *flawed demonstrator*, like a careless human with habits:
+- SFT demonstrations come from a *flawed demonstrator*, like a careless human with a habit:
   it slips on a step with probability p_err (its result is off by 1 or 2), and it has a blind spot:
-  adding a 9, it usually (p_blind = 60%) adds 8. Either way it carries the error on. And a quarter
-  of the time (p_lazy) it does not show its work: it writes a guessed answer, "#7", right 30% of
-  the time. A model that imitates it is right on under half the prompts when sampled, and even its
-  greedy answer inherits the blind spot: imitation cannot beat the demonstrator, feedback can.
-  The two kinds of flaw differ for a judge: laziness is visible at a glance (no steps), a slip
-  only to one who redoes the arithmetic. A small reward model learns the first and not the second.
+  adding a 9, it usually (p_blind = 60%) adds 8. Either way it carries the error on.
+  A model that imitates it is right on about half the prompts when sampled, and even its greedy
+  answer inherits the blind spot: imitation cannot beat the demonstrator, feedback can.
 - `gold(prompt, response)`: the hidden truth, 0.5 * [final answer correct] + 0.5 * fraction of the
   k-1 steps done correctly. Learned reward models are measured against it; it is never trained on.
 - Preference pairs: two demonstrator samples per prompt, labelled by the gold scorer with
@@ -40,8 +37,6 @@ from nanoalign.sampling import generate
 MIN_DIGITS, MAX_DIGITS = 3, 6
 P_ERR = 0.1  # the demonstrator's random slip rate per step
 P_BLIND = 0.6  # how often the demonstrator adds 8 when it should add 9
-P_LAZY = 0.25  # how often the demonstrator answers without showing its work
-P_GUESS = 0.3  # how often such a guessed answer is right
 LABEL_TEMP = 0.1  # Bradley-Terry temperature of the gold-derived preference labels
 MAX_NEW_TOKENS = 48  # the longest correct response is 32 bytes
 
@@ -63,14 +58,9 @@ def digits_of(prompt):
     return [int(d) for d in prompt.split("+")]
 
 
-def demonstrate(prompt, rng, p_err=P_ERR, p_blind=P_BLIND, p_lazy=P_LAZY):
-    """A response from the flawed demonstrator (p_err=p_blind=p_lazy=0: always correct)."""
+def demonstrate(prompt, rng, p_err=P_ERR, p_blind=P_BLIND):
+    """A response from the flawed demonstrator (p_err=p_blind=0: always correct)."""
     digits = digits_of(prompt)
-    if rng.random() < p_lazy:  # no work shown, a guessed answer
-        answer = sum(digits) % 10
-        if rng.random() >= P_GUESS:
-            answer = (answer + rng.randrange(1, 10)) % 10  # any other digit
-        return f"#{answer}"
     total, steps = digits[0], []
     for d in digits[1:]:
         c = (total + d) % 10

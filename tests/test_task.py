@@ -113,13 +113,13 @@ def test_three_digit_prompt_hand_case():
 # ------------------------------------------------------------------------------ demonstrator
 
 def test_demonstrate_without_errors_is_always_correct():
-    """demonstrate(p_err=0, p_blind=0, p_lazy=0) is always fully correct (gold 1) and has one step per added digit."""
+    """demonstrate(p_err=0, p_blind=0) is always fully correct (gold 1) and has one step per added digit."""
     rng = random.Random(0)
     for p in task.prompts(500, seed=3, split="train") + task.prompts(100, seed=3, split="test"):
-        r = task.demonstrate(p, rng, p_err=0, p_blind=0, p_lazy=0)
+        r = task.demonstrate(p, rng, p_err=0, p_blind=0)
         assert task.gold(p, r) == 1.0, (p, r)
         assert len(task.step_labels(p, r)) == len(task.digits_of(p)) - 1
-    assert task.demonstrate(P, rng, p_err=0, p_blind=0, p_lazy=0) == CORRECT
+    assert task.demonstrate(P, rng, p_err=0, p_blind=0) == CORRECT
 
 
 def test_demonstrate_default_pass_rate():
@@ -128,20 +128,7 @@ def test_demonstrate_default_pass_rate():
     ps = task.prompts(2000, seed=1, split="train")
     rate = sum(task.verify(p, task.demonstrate(p, rng)) for p in ps) / len(ps)
     assert 0.4 < rate < 0.75, rate
-    assert task.demonstrate(P, random.Random(0), p_err=1.0, p_lazy=0) != CORRECT
-
-
-def test_lazy_answers_show_no_work_and_guess():
-    """With p_lazy=1 the demonstrator writes only "#d", right P_GUESS of the time: gold is at most 0.5
-    (the answer's half; no steps), and the process checker has no step to label."""
-    rng = random.Random(0)
-    rs = [task.demonstrate(P, rng, p_lazy=1.0) for _ in range(3000)]
-    assert all(len(r) == 2 and r[0] == "#" for r in rs)
-    right = sum(task.verify(P, r) for r in rs) / len(rs)
-    assert abs(right - task.P_GUESS) < 0.03, right
-    assert {task.gold(P, r) for r in rs} == {0.0, 0.5} and task.step_labels(P, "#2") == []
-    lazy = sum(task.demonstrate(P, rng)[0] == "#" for _ in range(3000)) / 3000  # the default rate
-    assert abs(lazy - task.P_LAZY) < 0.03, lazy
+    assert task.demonstrate(P, random.Random(0), p_err=1.0) != CORRECT
 
 
 def test_prompt_shape():
@@ -233,18 +220,18 @@ def test_records_pass_normalise():
 
 def test_correct_responses_fit_in_max_new_tokens():
     """The longest correct response (6 digits, e.g. all 9s) fits in MAX_NEW_TOKENS byte tokens with its EOS."""
-    r = task.demonstrate("9+9+9+9+9+9", random.Random(0), p_err=0, p_blind=0, p_lazy=0)
+    r = task.demonstrate("9+9+9+9+9+9", random.Random(0), p_err=0, p_blind=0)
     assert r == "9+9=8;8+9=7;7+9=6;6+9=5;5+9=4;#4"
     assert len(r) + 1 <= task.MAX_NEW_TOKENS
 
 
 def test_demonstrator_blind_spot_adds_8_for_9():
     """With p_blind=1 and no random slips every "+9" step adds 8; steps adding other digits are right."""
-    r = task.demonstrate("3+9+2", random.Random(0), p_err=0, p_blind=1.0, p_lazy=0)
+    r = task.demonstrate("3+9+2", random.Random(0), p_err=0, p_blind=1.0)
     assert r == "3+9=1;1+2=3;#3"
     assert task.step_labels("3+9+2", r) == [False, True]
     rng = random.Random(0)
-    rate = sum(task.demonstrate("3+9", rng, p_err=0, p_lazy=0) == "3+9=1;#1" for _ in range(2000)) / 2000
+    rate = sum(task.demonstrate("3+9", rng, p_err=0) == "3+9=1;#1" for _ in range(2000)) / 2000
     assert abs(rate - task.P_BLIND) < 0.04
 
 
