@@ -19,6 +19,9 @@ Implementation details:
 2. Score: the reward model read at the EOS itself (`ScalarModel.reward`: the last real token of
    prompt + response), on the normalised scale set by `train_rm.py` (SFT samples: mean 0, std 1).
    A response without EOS is not scored by the RM (there is no EOS to read); it gets `no_eos_score`.
+   A process RM (`train_rm.py --kind=process`) can be the judge instead: its score is the response's
+   weakest step probability (`rewards.process_score`), standardised with the mean and std of the
+   first iteration's rollouts (the SFT policy's samples), and it lands on the EOS all the same.
 3. Per-token reward: r_t = -beta * KL_t, plus the score at the response's last real token.
    KL_t = log pi(y_t) - log pi_ref(y_t) ("k1", whose sum over a response is an unbiased estimate of the
    sequence KL), or k3 (>= 0, lower variance) with kl_estimator="k3".
@@ -65,8 +68,10 @@ from nanoalign.core import (entropy_from_logits, masked_mean, masked_var, masked
                             token_logprobs)
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import adaptive_kl_beta, clipped_surrogate, clipped_value_loss, gae, k3_kl
+from nanoalign.rewards import process_score, step_scores
 from nanoalign.sampling import generate
-from nanoalign.utils import JsonlLogger, configure, load_checkpoint, optimizer_step, save_checkpoint, setup_device, write_json
+from nanoalign.utils import (JsonlLogger, configure, load_checkpoint, optimizer_step, save_checkpoint, setup_device,
+                             write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/ppo"  # checkpoint, metrics.jsonl, curves.csv and summary.json go here
@@ -114,7 +119,9 @@ policy, tok, _ = load_checkpoint(init_from, device)
 ref = load_checkpoint(init_from, device)[0].eval().requires_grad_(False)
 rm = load_checkpoint(reward_model, device)[0].eval().requires_grad_(False)
 assert isinstance(rm, ScalarModel), f"{reward_model} is not a reward model checkpoint"
-if critic == "rm":
+process_judge = torch.load(reward_model, map_location="cpu", weights_only=True).get("rm_kind") == "process"
+prm_norm = None  # (mean, std) of the process scores of the first rollouts
+if critic == "rm":  # (a process RM's body and head make a critic just as well: it is retrained)
     value_model = load_checkpoint(reward_model, device)[0]
     with torch.no_grad():  # fold the normalisation into the head: the critic starts as the normalised RM
         value_model.head.weight.mul_(value_model.gain)
@@ -147,6 +154,18 @@ def forward(ids, mask, Tp, resp, with_values=True):
 
 
 @torch.no_grad()
+def judge(ids, mask, prompts, texts):
+    """The score of each rollout, read at its EOS (detail 2)."""
+    global prm_norm
+    if not process_judge:
+        return rm.reward(ids, mask)
+    raw = torch.tensor([process_score(s) for s in step_scores(rm, tok, [user(p) for p in prompts], texts)])
+    if prm_norm is None:
+        prm_norm = (raw.mean().item(), raw.std().clamp(min=1e-6).item())
+    return ((raw - prm_norm[0]) / prm_norm[1]).to(device)
+
+
+@torch.no_grad()
 def evaluate():
     return {f"eval/{k}": v for k, v in task.evaluate(policy, tok, eval_prompts, temperature=temperature, seed=seed,
                                                         max_new_tokens=max_new_tokens).items()}
@@ -174,7 +193,8 @@ for it in bar:
     texts = [tok.decode(r[:n].tolist()) for r, n in zip(resp, n_tok)]
     with torch.no_grad():
         # 2) the score at the EOS; 3) per-token rewards with the KL penalty
-        score = torch.where(ended, rm.reward(ids, mask), torch.full_like(n_tok, no_eos_score, dtype=torch.float))
+        no_eos = torch.full((batch_size,), no_eos_score, device=device)
+        score = torch.where(ended, judge(ids, mask, prompts, texts), no_eos)
         old_logp, ent, old_values = forward(ids, mask, Tp, resp)
         ref_logp = token_logprobs(ref(ids, mask)[:, Tp - 1:-1], resp, temperature)
         kl_t = (old_logp - ref_logp if kl_estimator == "k1" else k3_kl(old_logp, ref_logp)) * m

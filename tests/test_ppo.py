@@ -125,24 +125,27 @@ def test_adaptive_kl_moves_beta_the_right_way():
 # ------------------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")
-def rm_ckpt(sft_ckpt, tmp_path_factory):
-    """An (untrained, non-trivial) reward model on the tiny SFT body, with a normalisation."""
+def rm_ckpts(sft_ckpt, tmp_path_factory):
+    """(Untrained, non-trivial) outcome and process reward models on the tiny SFT body."""
     gpt, tok, _ = load_checkpoint(sft_ckpt)
     rm = ScalarModel(gpt)
     torch.manual_seed(0)
     torch.nn.init.normal_(rm.head.weight, std=1.0)
     rm.gain.fill_(2.0), rm.bias.fill_(-0.5)
-    path = str(tmp_path_factory.mktemp("rm") / "ckpt.pt")
-    save_checkpoint(path, rm, tok, rm_kind="outcome")
-    return path
+    paths = {}
+    for kind in ("outcome", "process"):
+        paths[kind] = str(tmp_path_factory.mktemp(kind) / "ckpt.pt")
+        save_checkpoint(paths[kind], rm, tok, rm_kind=kind)
+    return paths
 
 
-@pytest.mark.parametrize("extra", [[], ["--critic=shared", "--kl_estimator=k3", "--whiten_rewards=True",
-                                        "--adaptive_kl=False", "--ent_coef=0.01"]])
-def test_tiny_ppo_run(sft_ckpt, rm_ckpt, tmp_path, extra):
+@pytest.mark.parametrize("judge,extra", [("outcome", []), ("process", []),
+                                         ("outcome", ["--critic=shared", "--kl_estimator=k3", "--whiten_rewards=True",
+                                                      "--adaptive_kl=False", "--ent_coef=0.01"])])
+def test_tiny_ppo_run(sft_ckpt, rm_ckpts, tmp_path, judge, extra):
     """Two iterations end to end: every metric is logged, beta adapts (or not), the curves are saved."""
     out = tmp_path / "ppo"
-    r = subprocess.run([sys.executable, "train_ppo.py", f"--init_from={sft_ckpt}", f"--reward_model={rm_ckpt}",
+    r = subprocess.run([sys.executable, "train_ppo.py", f"--init_from={sft_ckpt}", f"--reward_model={rm_ckpts[judge]}",
                         f"--out_dir={out}", "--batch_size=4", "--max_iters=2", "--ppo_epochs=2", "--minibatches=2",
                         "--eval_interval=2", "--n_eval=4", "--max_new_tokens=10", "--device=cpu", *extra],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
