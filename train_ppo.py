@@ -2,9 +2,13 @@
 PPO-based RLHF (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022): a policy, a frozen
 reference, a frozen reward model and a critic.
 
-    python train_ppo.py                                   # from out/sft/ckpt.pt and out/rm/ckpt.pt
-    python train_ppo.py --init_kl_coef=0.001 --adaptive_kl=False --max_iters=300 --out_dir=out/ppo_weak_kl
+    python train_ppo.py                                   # from out/sft/ckpt.pt, judged by out/prm/ckpt.pt
+    python train_ppo.py --init_kl_coef=0 --adaptive_kl=False --out_dir=out/ppo_weak_kl   # no KL penalty
+    python train_ppo.py --reward_model=out/rm/ckpt.pt     # the outcome RM as the judge (read at the EOS)
     python train_ppo.py --critic=shared                   # a value head on the policy's own body
+
+The default judge is the process RM (`python train_rm.py --kind=process --out_dir=out/prm
+--max_steps=1500`) because the outcome RM does not learn the built-in task (README).
 
 Each iteration: roll out one response per prompt, score it with the reward model, turn the score into
 per-token rewards with a KL penalty, estimate advantages with GAE and the critic, then several epochs
@@ -76,7 +80,7 @@ from nanoalign.utils import (JsonlLogger, configure, load_checkpoint, optimizer_
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/ppo"  # checkpoint, metrics.jsonl, curves.csv and summary.json go here
 init_from = "out/sft/ckpt.pt"  # the policy to start from, and the frozen reference
-reward_model = "out/rm/ckpt.pt"  # an outcome reward model from train_rm.py (normalised)
+reward_model = "out/prm/ckpt.pt"  # a reward model from train_rm.py, outcome or process (detail 2)
 critic = "rm"  # "rm": a separate critic initialised from the reward model; "shared": a value head on the policy
 batch_size = 64  # prompts (one rollout each) per iteration
 max_iters = 100  # iterations (rollout + update)
