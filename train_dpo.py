@@ -89,7 +89,7 @@ online = False  # online DPO: each round, best vs worst of k_samples policy samp
 spin = False  # SPIN: each round, chosen = the SFT demonstration, rejected = the policy's own sample
 rounds = 5  # online/spin: rounds of max_steps // rounds steps, each on fresh pairs
 k_samples = 4  # online: responses sampled per prompt
-prompts_per_round = 512  # online/spin: prompts per round (builtin: new train prompts; a file: the next ones)
+prompts_per_round = 1024  # online/spin: prompts per round (builtin: new train prompts; a file: the next ones)
 judge = "gold"  # online: "gold" or "verify" (built-in task only), or a reward-model checkpoint from train_rm.py
 ref_update = "round"  # online/spin: reference = the policy at the round's start ("round") or the SFT ("fixed")
 max_new_tokens = 48  # online/spin: the longest sampled response, in tokens
