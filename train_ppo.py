@@ -121,9 +121,10 @@ gen = torch.Generator(device=device).manual_seed(seed)
 # -------------------------------------------------------------------------- the four roles
 policy, tok, _ = load_checkpoint(init_from, device)
 ref = load_checkpoint(init_from, device)[0].eval().requires_grad_(False)
-rm = load_checkpoint(reward_model, device)[0].eval().requires_grad_(False)
+rm, _, rm_ckpt = load_checkpoint(reward_model, device)
 assert isinstance(rm, ScalarModel), f"{reward_model} is not a reward model checkpoint"
-process_judge = torch.load(reward_model, map_location="cpu", weights_only=True).get("rm_kind") == "process"
+rm.eval().requires_grad_(False)
+process_judge = rm_ckpt.get("rm_kind") == "process"
 prm_norm = None  # (mean, std) of the process scores of the first rollouts
 if critic == "rm":  # (a process RM's body and head make a critic just as well: it is retrained)
     value_model = load_checkpoint(reward_model, device)[0]
@@ -145,15 +146,13 @@ eval_prompts = task.prompts(n_eval, seed, split="test")
 user = lambda text: [{"role": "user", "content": text}]
 
 
-def forward(ids, mask, Tp, resp, with_values=True):
+def forward(ids, mask, Tp, resp):
     """Per-token log-probs, entropies and values of the response tokens, [B, N] each (detail 4)."""
     with autocast:
         h = policy.body(ids, mask)
         logits = policy.lm_head(h[:, Tp - 1:-1])  # logits[t] predicts resp[t]
-        values = None
-        if with_values:
-            hv = h if value_model.gpt is policy else value_model.gpt.body(ids, mask)
-            values = value_model.head(hv[:, Tp - 1:-1]).squeeze(-1).float()
+        hv = h if value_model.gpt is policy else value_model.gpt.body(ids, mask)
+        values = value_model.head(hv[:, Tp - 1:-1]).squeeze(-1).float()  # values[t]: the state before resp[t]
     return token_logprobs(logits, resp, temperature), entropy_from_logits(logits, temperature), values
 
 

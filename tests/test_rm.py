@@ -151,3 +151,14 @@ def test_train_rm_process_and_best_of_n(tmp_path, sft_ckpt):
     gold = table["gold (ceiling)"]
     assert gold["1"]["gold"] <= gold["2"]["gold"] <= gold["4"]["gold"]  # the ceiling cannot get worse with N
     assert "| judge |" in stdout
+
+
+def test_init_from_a_reward_model_checkpoint_gives_its_body(rm, tmp_path):
+    """`init_model` on a reward-model checkpoint returns its GPT body (the head is dropped), weights equal."""
+    from nanoalign.utils import init_model, save_checkpoint
+    path = str(tmp_path / "rm.pt")
+    save_checkpoint(path, rm, byte_tokenizer(), rm_kind="outcome")
+    body, tok = init_model(path, "gpt2", {}, "cpu")
+    assert isinstance(body, GPT) and tok.n_vocab == 261
+    ours = rm.gpt.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in body.state_dict().items())
