@@ -89,6 +89,11 @@ user = lambda text: [{"role": "user", "content": text}]  # a built-in prompt as 
 # -------------------------------------------------------------------------- model
 gpt, tok = init_model(init_from, tokenizer, {}, device)
 rm = ScalarModel(gpt).to(device)
+policy_path = policy or (init_from if init_from.endswith(".pt") else "")  # whose samples set the normalisation
+if kind == "outcome" and normalize and policy_path and \
+        torch.load(policy_path, map_location="cpu", weights_only=True).get("kind") == "scalar":
+    raise SystemExit(f"{policy_path} is a reward model and cannot sample: pass --policy=<the SFT checkpoint> "
+                     "for the normalisation (or --normalize=False)")
 block = gpt.config.block_size
 print(f"{kind} reward model from {init_from}: {gpt.num_params() / 1e6:.2f}M parameters")
 
@@ -218,7 +223,6 @@ final = metrics
 # -------------------------------------------------------------------------- normalisation
 norm = {}
 if kind == "outcome" and normalize:
-    policy_path = policy or (init_from if init_from.endswith(".pt") else "")
     if policy_path:
         pol, ptok, _ = load_checkpoint(policy_path, device)
         if data_path == "builtin":

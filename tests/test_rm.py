@@ -139,8 +139,13 @@ def test_train_rm_process_and_best_of_n(tmp_path, sft_ckpt):
     prm, rm1, rm2 = tmp_path / "prm", tmp_path / "rm1", tmp_path / "rm2"
     run("train_rm.py", "--kind=process", f"--init_from={sft_ckpt}", f"--out_dir={prm}", *TINY_RM)
     assert "eval/step_acc" in json.load(open(prm / "summary.json"))["final"]
-    for out, seed in ((rm1, 1), (rm2, 2)):
-        run("train_rm.py", f"--init_from={sft_ckpt}", f"--out_dir={out}", f"--seed={seed}", *TINY_RM)
+    # outcome RM 1 from the SFT model; outcome RM 2 from the PRM's body, normalised on the SFT policy's samples
+    run("train_rm.py", f"--init_from={sft_ckpt}", f"--out_dir={rm1}", "--seed=1", *TINY_RM)
+    r = subprocess.run([sys.executable, "train_rm.py", f"--init_from={prm}/ckpt.pt", f"--out_dir={rm2}", *TINY_RM],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "cannot sample" in r.stderr and not (rm2 / "metrics.jsonl").exists()  # fails first
+    run("train_rm.py", f"--init_from={prm}/ckpt.pt", f"--policy={sft_ckpt}", f"--out_dir={rm2}", "--seed=2", *TINY_RM)
+    assert json.load(open(rm2 / "summary.json"))["normalization"]["policy"] == str(sft_ckpt)
     table_path = tmp_path / "bon.json"
     stdout = run("best_of_n.py", f"--policy={sft_ckpt}", f"--rms={rm1}/ckpt.pt,{rm2}/ckpt.pt",
                  f"--prm={prm}/ckpt.pt", "--n_prompts=6", "--ns=1,2,4", f"--out={table_path}", "--device=cpu")
