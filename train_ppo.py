@@ -41,8 +41,11 @@ Implementation details:
    minibatch's ratio is exactly 1.
 7. KL control: beta fixed, or adaptive (`losses.adaptive_kl_beta`): after each iteration beta moves
    towards target_kl by at most +-20% * batch / horizon.
-8. Critic: a separate copy of the reward model (its normalisation folded into the head) by default;
-   critic="shared" puts a fresh value head on the policy's body (loss = policy + vf_coef * value).
+8. Critic: a separate copy of the reward model by default. An outcome RM's head, with its normalisation
+   folded in, makes the critic start as the normalised score; a process RM's head classifies steps, on
+   another scale, so its critic keeps the body and starts with a zero head (every value 0, the mean
+   standardised score). critic="shared" puts a fresh value head on the policy's body (loss = policy +
+   vf_coef * value).
 
 Logged metrics (metrics.jsonl, one line per iteration):
   rm, rm_std           mean and std of the reward model's score of the rollouts (normalised scale)
@@ -126,11 +129,14 @@ assert isinstance(rm, ScalarModel), f"{reward_model} is not a reward model check
 rm.eval().requires_grad_(False)
 process_judge = rm_ckpt.get("rm_kind") == "process"
 prm_norm = None  # (mean, std) of the process scores of the first rollouts
-if critic == "rm":  # (a process RM's body and head make a critic just as well: it is retrained)
+if critic == "rm":  # a separate critic, initialised from the reward model (detail 8)
     value_model = load_checkpoint(reward_model, device)[0]
-    with torch.no_grad():  # fold the normalisation into the head: the critic starts as the normalised RM
-        value_model.head.weight.mul_(value_model.gain)
-        value_model.head.bias.mul_(value_model.gain).add_(value_model.bias)
+    with torch.no_grad():
+        if process_judge:  # its head classifies steps: not a value on the score's scale. Values start at 0.
+            value_model.head.weight.zero_(), value_model.head.bias.zero_()
+        else:  # fold the normalisation into the head: the critic starts as the normalised RM
+            value_model.head.weight.mul_(value_model.gain)
+            value_model.head.bias.mul_(value_model.gain).add_(value_model.bias)
         value_model.gain.fill_(1.0), value_model.bias.fill_(0.0)
     critic_params = list(value_model.parameters())
 else:

@@ -157,6 +157,10 @@ def test_tiny_ppo_run(sft_ckpt, rm_ckpts, tmp_path, judge, extra):
         assert key in lines[0], key
     assert "eval/gold" in lines[1]
     assert (lines[1]["beta"] == lines[0]["beta"]) == bool(extra)  # fixed, or adapted after iteration 1
+    if judge == "process":  # the critic starts with a zero head: every first value is 0, explaining nothing
+        assert lines[0]["explained_var"] == pytest.approx(0.0, abs=1e-6)
+    elif not extra:  # the critic starts as the normalised outcome RM (head std 1): far from 0
+        assert abs(lines[0]["explained_var"]) > 1e-3
     rows = list(csv.DictReader(open(out / "curves.csv")))
     assert [int(r["iter"]) for r in rows] == [1, 2] and set(rows[0]) == {"iter", "kl", "rm", "gold"}
     summary = json.load(open(out / "summary.json"))
