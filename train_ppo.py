@@ -267,11 +267,12 @@ try:  # the picture is optional: matplotlib is not a dependency
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     kls = [c[1] for c in curves]
-    ax.plot(kls, [c[2] for c in curves], ".", alpha=0.5, label="reward model score (normalised)")
     ax2 = ax.twinx()
-    ax2.plot(kls, [c[3] for c in curves], ".", color="C1", alpha=0.5, label="gold score")
+    dots = ax.plot(kls, [c[2] for c in curves], ".", alpha=0.5, label="reward model score (normalised)") + \
+        ax2.plot(kls, [c[3] for c in curves], ".", color="C1", alpha=0.5, label="gold score")
     ax.set_xlabel("KL(policy || reference), nats"), ax.set_ylabel("RM score"), ax2.set_ylabel("gold score")
-    fig.legend(loc="lower right"), fig.tight_layout(), fig.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
+    ax.legend(dots, [d.get_label() for d in dots], loc="center right")
+    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
 except ImportError:
     pass
 summary = {"iters": max_iters, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,

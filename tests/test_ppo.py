@@ -1,5 +1,6 @@
 """PPO: GAE, whitening, per-token rewards, the clipped objectives, adaptive KL, and tiny end-to-end runs."""
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -163,6 +164,7 @@ def test_tiny_ppo_run(sft_ckpt, rm_ckpts, tmp_path, judge, extra):
         assert abs(lines[0]["explained_var"]) > 1e-3
     rows = list(csv.DictReader(open(out / "curves.csv")))
     assert [int(r["iter"]) for r in rows] == [1, 2] and set(rows[0]) == {"iter", "kl", "rm", "gold"}
+    assert (out / "curves.png").exists() == (importlib.util.find_spec("matplotlib") is not None)  # optional picture
     summary = json.load(open(out / "summary.json"))
     assert {"eval/gold", "eval/pass"} <= set(summary["start"]) and summary["iters"] == 2
     policy, _, _ = load_checkpoint(str(out / "ckpt.pt"))
