@@ -7,8 +7,9 @@ while the gold scorer (the ceiling) keeps going, is how good a learned judge is.
 
 Judges: `outcome` (the first RM in --rms), `ensemble-min` (the minimum of the normalised rewards of
 all RMs in --rms, a pessimistic ensemble: Coste et al. 2023), `process` (the PRM's weakest step),
-`gold` (the gold scorer itself: the ceiling). N = 1 is the policy alone. A response that never
-emitted EOS is unfinished: every judge ranks it last and its gold score is 0.
+`dpo implicit` (with --dpo: a DPO-trained policy's log pi/pi_ref, its reference the checkpoint
+train_dpo.py started from), `gold` (the gold scorer itself: the ceiling). N = 1 is the policy alone.
+A response that never emitted EOS is unfinished: every judge ranks it last and its gold score is 0.
 """
 import json
 import os
@@ -16,13 +17,14 @@ import os
 import torch
 
 from nanoalign import task
-from nanoalign.rewards import best_of_n, outcome_scores, process_score, step_scores
+from nanoalign.rewards import best_of_n, implicit_rewards, outcome_scores, process_score, step_scores
 from nanoalign.utils import configure, load_checkpoint, setup_device
 
 # ---- config (override with --key=value or a config file; --help lists them)
 policy = "out/sft/ckpt.pt"  # the policy that samples the candidates
 rms = "out/rm/ckpt.pt"  # outcome reward models, comma-separated (more than one adds the ensemble-min judge)
 prm = "out/prm/ckpt.pt"  # process reward model ("" to leave it out)
+dpo = ""  # a policy from train_dpo.py: its implicit reward is one more judge ("" to leave it out)
 n_prompts = 256  # held-out (test split) prompts
 ns = "1,2,4,8,16"  # the values of N; the largest is sampled once, smaller N use its first samples
 temperature = 1.0  # sampling temperature of the candidates
@@ -55,6 +57,10 @@ if len(rm_scores) > 1:
 if prm:
     probs = step_scores(load_checkpoint(prm, device)[0].eval(), tok, messages, texts)
     judges["process"] = torch.tensor([process_score(s) for s in probs])
+if dpo:
+    dpo_policy, _, dpo_ckpt = load_checkpoint(dpo, device)
+    dpo_ref = load_checkpoint(dpo_ckpt["config"]["init_from"], device)[0]
+    judges["dpo implicit"] = implicit_rewards(dpo_policy.eval(), dpo_ref.eval(), tok, messages, texts)
 judges["gold (ceiling)"] = gold
 
 table = {}

@@ -48,6 +48,10 @@ Logged metrics (metrics.jsonl), with the usual names:
   rewards/margins              mean of rewards/chosen - rewards/rejected
   logps/chosen, logps/rejected mean sequence log-probs under the policy
   eval/win_rate, eval/kl, eval/length, eval/gold    held-out, as in detail 4
+  pairs/acc_labels, pairs/acc_gold   (summary.json, built-in task) the trained policy's implicit reward
+                               beta * log pi/pi_ref (reference: the SFT model) as a reward model on the
+                               reward models' held-out pairs: fraction ranked as the label says, and as
+                               the gold scorer does (pairs whose gold differs), as train_rm.py reports
   round, round/pairs           (online, SPIN; one line per round) the round (1-based) and its fresh pairs
   round/tied_frac              fraction of the round's prompts skipped because best and worst tied
   round/judge_mean             mean judge score of the round's finished samples (online)
@@ -66,7 +70,7 @@ from tqdm import tqdm
 
 from nanoalign import data, losses, task
 from nanoalign.core import pad, sequence_logprob, token_logprobs
-from nanoalign.rewards import outcome_scores, process_score, response_tokens, step_scores
+from nanoalign.rewards import implicit_rewards, outcome_scores, process_score, response_tokens, step_scores
 from nanoalign.sampling import generate
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint,
                              setup_device, step_generator, write_json)
@@ -101,6 +105,7 @@ warmup_steps = 20  # linear warmup steps
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_interval = 100  # steps between evaluations
 n_eval = 512  # held-out prompts for win rate, KL and length (built-in task)
+n_eval_pairs = 1000  # held-out pairs (built-in task) on which the final implicit reward's ranking is measured
 log_interval = 10  # steps between metrics.jsonl lines
 seed = 1337  # seeds data and sampling
 device = "auto"  # "auto", "cpu", "cuda", ...
@@ -417,6 +422,19 @@ if evaluated_at != max_steps:  # the last round(s) had no pairs
     policy.eval()
     metrics = evaluate()
     logger.log(step=max_steps, **metrics)
+
+if data_path == "builtin":  # the policy as a reward model, on the pairs train_rm.py is measured on
+    held_out = task.preference_records(n_eval_pairs, seed, split="test")
+    msgs = [[{"role": "user", "content": p["prompt"]}] for p in held_out]
+    reference = load_checkpoint(init_from, device)[0].eval()
+    r_c, r_r = (implicit_rewards(policy, reference, tok, msgs, [p[k] for p in held_out], beta)
+                for k in ("chosen", "rejected"))
+    g_c, g_r = (torch.tensor([task.gold(p["prompt"], p[k]) for p in held_out]) for k in ("chosen", "rejected"))
+    agree = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()  # a tie in rewards counts half
+    gold_agree = torch.where(g_c > g_r, agree, 1 - agree)[g_c != g_r]
+    metrics.update({"pairs/acc_labels": agree.mean().item(), "pairs/acc_gold": gold_agree.mean().item()})
+    print(f"implicit reward on {len(held_out)} held-out pairs: accuracy vs labels {metrics['pairs/acc_labels']:.3f}, "
+          f"vs gold {metrics['pairs/acc_gold']:.3f}")
 
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 save_checkpoint(ckpt_path, policy, tok, step=steps_done, config=config)

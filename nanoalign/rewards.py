@@ -1,6 +1,6 @@
 """
-Judges: turning (prompt, response) texts into scores with outcome and process reward models, and
-best-of-N selection.
+Judges: turning (prompt, response) texts into scores with outcome and process reward models (or a
+DPO policy's implicit reward), and best-of-N selection.
 
 A prompt is a list of chat messages; a response is the assistant's text. Every scored sequence is
 `render_prompt(prompt) + encode(response) + [EOS]`, so the outcome reward is read at the EOS token.
@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from nanoalign.core import pad
+from nanoalign.core import pad, sequence_logprob, token_logprobs
 
 
 def response_tokens(tok, prompt, response):
@@ -63,6 +63,23 @@ def step_scores(prm, tok, prompts, responses, batch_size=64):
         logits = prm(ids.to(device), mask.to(device)).cpu()
         out += [torch.sigmoid(logits[j, pos]) for j, (_, pos) in enumerate(items)]
     return out
+
+
+@torch.no_grad()
+def implicit_rewards(policy, ref, tok, prompts, responses, beta=1.0, batch_size=64):
+    """DPO's implicit reward of each (prompt, response) (Rafailov et al. 2023, section 5): a policy trained
+    by DPO against `ref` defines r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) up to a term of x alone,
+    so it ranks the responses to one prompt like a reward model. Sums over the response and its EOS,
+    float32. -> [N]"""
+    device, out, T = policy.lm_head.weight.device, [], policy.config.block_size
+    for i in range(0, len(prompts), batch_size):
+        seqs = [response_tokens(tok, p, r) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        ids, _ = pad([s[0][-T:] for s in seqs], tok.pad_id)  # right padding: no attention mask needed
+        m, _ = pad([s[1][-T:] for s in seqs], 0)
+        ids, m = ids.to(device), m[:, 1:].to(device)
+        logp, ref_logp = (token_logprobs(model(ids)[:, :-1], ids[:, 1:]) for model in (policy, ref))
+        out.append((beta * sequence_logprob(logp - ref_logp, m)).cpu())
+    return torch.cat(out)
 
 
 def process_score(step_probs, reduce="min"):

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n_train=40", "--n_eval=4", "--batch_size=4", "--max_steps=2", "--eval_interval=2", "--log_interval=1",
-        "--device=cpu"]
+TINY = ["--n_train=40", "--n_eval=4", "--n_eval_pairs=20", "--batch_size=4", "--max_steps=2", "--eval_interval=2",
+        "--log_interval=1", "--device=cpu"]
 
 
 def run_dpo(out, sft_ckpt, *args):
@@ -31,6 +31,7 @@ def test_every_loss_runs_and_logs(tmp_path, sft_ckpt, loss):
         assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
     summary = json.load(open(tmp_path / loss / "summary.json"))
     assert {"eval/win_rate", "eval/kl", "eval/length", "eval/gold"} <= set(summary["final"])
+    assert 0 <= summary["final"]["pairs/acc_labels"] <= 1 and 0 <= summary["final"]["pairs/acc_gold"] <= 1
 
 
 def test_precomputed_and_live_reference_give_the_same_loss(tmp_path, sft_ckpt):

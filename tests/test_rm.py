@@ -13,7 +13,7 @@ from nanoalign.core import pad
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import bradley_terry_loss, process_reward_loss
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.rewards import best_of_n, process_score, response_tokens, step_tokens
+from nanoalign.rewards import best_of_n, implicit_rewards, process_score, response_tokens, step_tokens
 from nanoalign.tokenizer import byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,6 +101,25 @@ def test_process_score_min_and_prod():
     assert process_score(torch.tensor([])) == 0.0
 
 
+def test_implicit_reward_hand_computed_and_independent_of_batch_neighbours():
+    """beta * sum over the response and its EOS of (log pi - log pi_ref), computed token by token here;
+    0 when pi = pi_ref; a response scores the same alone as beside a longer one (right padding)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, vocab_size=261, n_layer=1, n_head=2, n_embd=16)
+    pi, ref = GPT(cfg).eval(), GPT(cfg).eval()
+    tok, prompt = byte_tokenizer(), [{"role": "user", "content": "1+2"}]
+    ids, mask = response_tokens(tok, prompt, "1+2=3;#3")
+    with torch.no_grad():
+        lp = lambda m: torch.log_softmax(m(torch.tensor([ids]))[0].float(), -1)
+        a, b = lp(pi), lp(ref)
+    want = sum(a[t - 1, ids[t]] - b[t - 1, ids[t]] for t in range(len(ids)) if mask[t])
+    alone = implicit_rewards(pi, ref, tok, [prompt], ["1+2=3;#3"], beta=0.5)
+    assert alone.item() == pytest.approx(0.5 * want.item(), abs=1e-5) and abs(want.item()) > 1e-3
+    paired = implicit_rewards(pi, ref, tok, [prompt, prompt], ["1+2=3;#3", "1+2=3;#3 and a much longer tail"], 0.5)
+    assert paired[0].item() == pytest.approx(alone.item(), abs=1e-5)
+    assert implicit_rewards(pi, pi, tok, [prompt], ["1+2=3;#3"]).item() == 0.0
+
+
 def test_best_of_n_picks_the_argmax():
     scores = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 2.0], [float("-inf"), -5.0, -6.0]])
     assert best_of_n(scores).tolist() == [1, 0, 1]
@@ -146,11 +165,17 @@ def test_train_rm_process_and_best_of_n(tmp_path, sft_ckpt):
     assert r.returncode != 0 and "cannot sample" in r.stderr and not (rm2 / "metrics.jsonl").exists()  # fails first
     run("train_rm.py", f"--init_from={prm}/ckpt.pt", f"--policy={sft_ckpt}", f"--out_dir={rm2}", "--seed=2", *TINY_RM)
     assert json.load(open(rm2 / "summary.json"))["normalization"]["policy"] == str(sft_ckpt)
+    from nanoalign.utils import load_checkpoint, save_checkpoint
+    gpt, tok, _ = load_checkpoint(sft_ckpt)  # a stand-in for a DPO policy: SFT, perturbed, and where it started
+    with torch.no_grad():
+        gpt.lm_head.weight.add_(0.1 * torch.randn_like(gpt.lm_head.weight))
+    save_checkpoint(str(tmp_path / "dpo.pt"), gpt, tok, config={"init_from": sft_ckpt})
     table_path = tmp_path / "bon.json"
     stdout = run("best_of_n.py", f"--policy={sft_ckpt}", f"--rms={rm1}/ckpt.pt,{rm2}/ckpt.pt",
-                 f"--prm={prm}/ckpt.pt", "--n_prompts=6", "--ns=1,2,4", f"--out={table_path}", "--device=cpu")
+                 f"--prm={prm}/ckpt.pt", f"--dpo={tmp_path / 'dpo.pt'}", "--n_prompts=6", "--ns=1,2,4",
+                 f"--out={table_path}", "--device=cpu")
     table = json.load(open(table_path))["table"]
-    assert set(table) == {"outcome", "ensemble-min (k=2)", "process", "gold (ceiling)"}
+    assert set(table) == {"outcome", "ensemble-min (k=2)", "process", "dpo implicit", "gold (ceiling)"}
     # N=1 is the policy alone: every judge keeps the same (first) sample
     assert len({row["1"]["gold"] for row in table.values()}) == 1
     gold = table["gold (ceiling)"]
