@@ -31,6 +31,9 @@ Logged metrics (metrics.jsonl):
   eval/chosen_mean, eval/chosen_std, eval/rejected_mean, eval/rejected_std, eval/margin
                             held-out reward statistics (outcome)
   eval/step_acc             held-out step classification accuracy (process)
+summary.json also has `baseline`: loglik/acc_labels, loglik/acc_gold, the same pair accuracies with no
+training at all, the initial model's own log-likelihood of each response (sum over its tokens) as the
+judge. What a trained reward model must beat.
 """
 import os
 import random
@@ -43,7 +46,8 @@ from nanoalign import data, task
 from nanoalign.core import gather_last, pad
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import bradley_terry_loss, process_reward_loss
-from nanoalign.rewards import outcome_scores, process_score, response_tokens, step_scores, step_tokens
+from nanoalign.rewards import (implicit_rewards, outcome_scores, process_score, response_tokens, step_scores,
+                               step_tokens)
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
                              save_checkpoint, setup_device, step_generator, write_json)
 
@@ -138,25 +142,36 @@ def judge(prompts, responses):
     return torch.tensor([process_score(s) for s in step_scores(rm, tok, prompts, responses)])
 
 
+def pair_accuracy(r_c, r_r, prefix="eval/"):
+    """How often a judge's scores rank the held-out pairs as their labels say, and (built-in task) as the
+    gold scorer does, on the pairs whose gold scores differ. A tie in scores counts half."""
+    agree = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()
+    metrics = {prefix + "acc_labels": agree.mean().item()}
+    if data_path == "builtin":
+        g_c, g_r = eval_gold
+        metrics[prefix + "acc_gold"] = torch.where(g_c > g_r, agree, 1 - agree)[g_c != g_r].mean().item()
+    return metrics
+
+
+eval_prompts = [p["prompt"] for p in eval_pairs]
+if data_path == "builtin":  # gold scores of the held-out pairs, (chosen, rejected)
+    eval_gold = tuple(torch.tensor([task.gold(prompt_text(p), p[k]) for p in eval_pairs])
+                      for k in ("chosen", "rejected"))
+
+
 @torch.no_grad()
 def evaluate():
     rm.eval()
-    prompts = [p["prompt"] for p in eval_pairs]
-    r_c = judge(prompts, [p["chosen"] for p in eval_pairs])
-    r_r = judge(prompts, [p["rejected"] for p in eval_pairs])
-    agree = lambda a, b: (a > b).float() + 0.5 * (a == b).float()  # a tie in scores counts half
-    metrics = {"eval/acc_labels": agree(r_c, r_r).mean().item()}
+    r_c = judge(eval_prompts, [p["chosen"] for p in eval_pairs])
+    r_r = judge(eval_prompts, [p["rejected"] for p in eval_pairs])
+    metrics = pair_accuracy(r_c, r_r)
     if kind == "outcome":
         metrics.update({"eval/margin": (r_c - r_r).mean().item(), "eval/chosen_mean": r_c.mean().item(),
                         "eval/chosen_std": r_c.std().item(), "eval/rejected_mean": r_r.mean().item(),
                         "eval/rejected_std": r_r.std().item()})
     if data_path == "builtin":
-        g_c = torch.tensor([task.gold(prompt_text(p), p["chosen"]) for p in eval_pairs])
-        g_r = torch.tensor([task.gold(prompt_text(p), p["rejected"]) for p in eval_pairs])
-        untied = g_c != g_r
-        sign = torch.where(g_c > g_r, 1.0, -1.0)  # ranks them as gold does
-        metrics["eval/acc_gold"] = agree(sign * r_c, sign * r_r)[untied].mean().item()
-        metrics["eval/label_gold_agreement"] = ((g_c > g_r)[untied]).float().mean().item()  # the labels' own ceiling
+        g_c, g_r = eval_gold
+        metrics["eval/label_gold_agreement"] = ((g_c > g_r)[g_c != g_r]).float().mean().item()  # labels' ceiling
         if kind == "process":
             rng = random.Random(f"prm-eval-{seed}")
             ps = [task.sample_prompt(rng, "test") for _ in range(300)]
@@ -199,7 +214,12 @@ optimizer.add_param_group({"params": list(rm.head.parameters()), "weight_decay":
 train_rm = torch.compile(rm) if compile else rm
 logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
 start = evaluate()
+rm.eval()  # a baseline with no training: the initial model's own log-likelihood of each response as the judge
+baseline = pair_accuracy(*(implicit_rewards(gpt, None, tok, eval_prompts, [p[k] for p in eval_pairs])
+                           for k in ("chosen", "rejected")), prefix="loglik/")
 print("start: " + " ".join(f"{k} {v:.3f}" for k, v in start.items()))
+print("baseline (the initial model's log-likelihood as the judge): "
+      + " ".join(f"{k} {v:.3f}" for k, v in baseline.items()))
 t0 = time.time()
 rm.train()
 bar = tqdm(range(max_steps), desc=f"rm-{kind}")
@@ -241,7 +261,7 @@ if kind == "outcome" and normalize:
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 save_checkpoint(ckpt_path, rm, tok, step=max_steps, config=config, rm_kind=kind)
 summary = {"kind": kind, "steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
-           "n_eval_pairs": len(eval_pairs), "start": start, "final": final, "normalization": norm}
+           "n_eval_pairs": len(eval_pairs), "start": start, "final": final, "baseline": baseline, "normalization": norm}
 write_json(os.path.join(out_dir, "summary.json"), summary)
 msg = f"held-out pairs: accuracy vs labels {final['eval/acc_labels']:.3f}"
 if "eval/acc_gold" in final:

@@ -69,16 +69,18 @@ def step_scores(prm, tok, prompts, responses, batch_size=64):
 def implicit_rewards(policy, ref, tok, prompts, responses, beta=1.0, batch_size=64):
     """DPO's implicit reward of each (prompt, response) (Rafailov et al. 2023, section 5): a policy trained
     by DPO against `ref` defines r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) up to a term of x alone,
-    so it ranks the responses to one prompt like a reward model. Sums over the response and its EOS,
-    float32. -> [N]"""
+    so it ranks the responses to one prompt like a reward model. ref=None: beta * log pi(y|x), the
+    policy's own likelihood as a judge. Sums over the response and its EOS, float32. -> [N]"""
     device, out, T = policy.lm_head.weight.device, [], policy.config.block_size
     for i in range(0, len(prompts), batch_size):
         seqs = [response_tokens(tok, p, r) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
         ids, _ = pad([s[0][-T:] for s in seqs], tok.pad_id)  # right padding: no attention mask needed
         m, _ = pad([s[1][-T:] for s in seqs], 0)
         ids, m = ids.to(device), m[:, 1:].to(device)
-        logp, ref_logp = (token_logprobs(model(ids)[:, :-1], ids[:, 1:]) for model in (policy, ref))
-        out.append((beta * sequence_logprob(logp - ref_logp, m)).cpu())
+        logp = token_logprobs(policy(ids)[:, :-1], ids[:, 1:])
+        if ref is not None:
+            logp = logp - token_logprobs(ref(ids)[:, :-1], ids[:, 1:])
+        out.append((beta * sequence_logprob(logp, m)).cpu())
     return torch.cat(out)
 
 

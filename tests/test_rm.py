@@ -118,6 +118,8 @@ def test_implicit_reward_hand_computed_and_independent_of_batch_neighbours():
     paired = implicit_rewards(pi, ref, tok, [prompt, prompt], ["1+2=3;#3", "1+2=3;#3 and a much longer tail"], 0.5)
     assert paired[0].item() == pytest.approx(alone.item(), abs=1e-5)
     assert implicit_rewards(pi, pi, tok, [prompt], ["1+2=3;#3"]).item() == 0.0
+    loglik = sum(a[t - 1, ids[t]] for t in range(len(ids)) if mask[t])  # ref=None: the likelihood itself
+    assert implicit_rewards(pi, None, tok, [prompt], ["1+2=3;#3"]).item() == pytest.approx(loglik.item(), abs=1e-5)
 
 
 def test_best_of_n_picks_the_argmax():
@@ -144,6 +146,7 @@ def test_train_rm_outcome_end_to_end(tmp_path, sft_ckpt):
     summary = json.load(open(out / "summary.json"))
     for key in ("eval/acc_labels", "eval/acc_gold", "eval/chosen_mean", "eval/rejected_std", "eval/margin"):
         assert key in summary["final"]
+    assert set(summary["baseline"]) == {"loglik/acc_labels", "loglik/acc_gold"}  # the untrained likelihood judge
     assert summary["normalization"]["mean_after"] == pytest.approx(0.0, abs=1e-4)
     assert summary["normalization"]["std_after"] == pytest.approx(1.0, abs=1e-3)
     rm, tok, ckpt = load_checkpoint(str(out / "ckpt.pt"))
