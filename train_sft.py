@@ -141,7 +141,7 @@ if resuming:
     print(f"resumed from {ckpt_path} at step {start_step}")
 train_model = torch.compile(model) if compile else model  # sampling and saving use the uncompiled `model`
 decay_steps = lr_decay_steps or max_steps
-logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
+logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"), append=resuming)
 
 
 def save(step):

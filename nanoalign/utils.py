@@ -159,11 +159,12 @@ def init_model(init_from, tokenizer, model_config, device):
 # ------------------------------------------------------------------------------ logs
 
 class JsonlLogger:
-    """Appends one JSON object per line to <out_dir>/metrics.jsonl."""
+    """One JSON object per line to <out_dir>/metrics.jsonl. A fresh run starts the file anew (a rerun into
+    the same out_dir must not mix two runs); a resumed run appends to it."""
 
-    def __init__(self, path):
+    def __init__(self, path, append=False):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.f = open(path, "a")
+        self.f = open(path, "a" if append else "w")
 
     def log(self, **metrics):
         self.f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n")

@@ -119,10 +119,14 @@ def test_train_sft_accumulation_split_does_not_change_the_step(tmp_path):
 
 
 def test_train_sft_resume_is_exact(tmp_path):
-    """4 steps straight = 2 steps, stop, resume to 4: identical weights."""
-    run_sft(tmp_path / "straight", "--max_steps=4", "--lr_decay_steps=4")
+    """4 steps straight = 2 steps, stop, resume to 4: identical weights, and the resumed metrics.jsonl holds
+    steps 1-4 once each; running again without resume starts the log anew."""
+    straight = run_sft(tmp_path / "straight", "--max_steps=4", "--lr_decay_steps=4")
     run_sft(tmp_path / "resumed", "--max_steps=2", "--lr_decay_steps=4")
-    run_sft(tmp_path / "resumed", "--max_steps=4", "--lr_decay_steps=4", "--resume=True")
+    resumed = run_sft(tmp_path / "resumed", "--max_steps=4", "--lr_decay_steps=4", "--resume=True")
+    steps = lambda lines: [m["step"] for m in lines if "loss" in m]
+    assert steps(resumed) == steps(straight) and len(steps(straight)) == len(set(steps(straight))) > 1
+    assert steps(run_sft(tmp_path / "straight", "--max_steps=4", "--lr_decay_steps=4")) == steps(straight)
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
