@@ -70,7 +70,8 @@ from tqdm import tqdm
 
 from nanoalign import data, losses, task
 from nanoalign.core import pad, sequence_logprob, token_logprobs
-from nanoalign.rewards import implicit_rewards, outcome_scores, process_score, response_tokens, step_scores
+from nanoalign.rewards import (implicit_rewards, outcome_scores, pair_accuracy, process_score, response_tokens,
+                               step_scores)
 from nanoalign.sampling import generate
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint,
                              setup_device, step_generator, write_json)
@@ -430,9 +431,7 @@ if data_path == "builtin":  # the policy as a reward model, on the pairs train_r
     r_c, r_r = (implicit_rewards(policy, reference, tok, msgs, [p[k] for p in held_out], beta)
                 for k in ("chosen", "rejected"))
     g_c, g_r = (torch.tensor([task.gold(p["prompt"], p[k]) for p in held_out]) for k in ("chosen", "rejected"))
-    agree = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()  # a tie in rewards counts half
-    gold_agree = torch.where(g_c > g_r, agree, 1 - agree)[g_c != g_r]
-    metrics.update({"pairs/acc_labels": agree.mean().item(), "pairs/acc_gold": gold_agree.mean().item()})
+    metrics["pairs/acc_labels"], metrics["pairs/acc_gold"] = pair_accuracy(r_c, r_r, g_c, g_r)
     print(f"implicit reward on {len(held_out)} held-out pairs: accuracy vs labels {metrics['pairs/acc_labels']:.3f}, "
           f"vs gold {metrics['pairs/acc_gold']:.3f}")
 

@@ -46,8 +46,8 @@ from nanoalign import data, task
 from nanoalign.core import gather_last, pad
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import bradley_terry_loss, process_reward_loss
-from nanoalign.rewards import (implicit_rewards, outcome_scores, process_score, response_tokens, step_scores,
-                               step_tokens)
+from nanoalign.rewards import (implicit_rewards, outcome_scores, pair_accuracy, process_score, response_tokens,
+                               step_scores, step_tokens)
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
                              save_checkpoint, setup_device, step_generator, write_json)
 
@@ -142,21 +142,17 @@ def judge(prompts, responses):
     return torch.tensor([process_score(s) for s in step_scores(rm, tok, prompts, responses)])
 
 
-def pair_accuracy(r_c, r_r, prefix="eval/"):
-    """How often a judge's scores rank the held-out pairs as their labels say, and (built-in task) as the
-    gold scorer does, on the pairs whose gold scores differ. A tie in scores counts half."""
-    agree = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()
-    metrics = {prefix + "acc_labels": agree.mean().item()}
-    if data_path == "builtin":
-        g_c, g_r = eval_gold
-        metrics[prefix + "acc_gold"] = torch.where(g_c > g_r, agree, 1 - agree)[g_c != g_r].mean().item()
-    return metrics
-
-
 eval_prompts = [p["prompt"] for p in eval_pairs]
-if data_path == "builtin":  # gold scores of the held-out pairs, (chosen, rejected)
+eval_gold = ()  # gold scores of the held-out pairs, (chosen, rejected): built-in task only
+if data_path == "builtin":
     eval_gold = tuple(torch.tensor([task.gold(prompt_text(p), p[k]) for p in eval_pairs])
                       for k in ("chosen", "rejected"))
+
+
+def accuracies(r_c, r_r, prefix="eval/"):
+    """acc_labels and (built-in task) acc_gold of a judge's scores of the held-out pairs (rewards.pair_accuracy)."""
+    labels, gold = pair_accuracy(r_c, r_r, *eval_gold)
+    return {prefix + "acc_labels": labels, **({prefix + "acc_gold": gold} if eval_gold else {})}
 
 
 @torch.no_grad()
@@ -164,7 +160,7 @@ def evaluate():
     rm.eval()
     r_c = judge(eval_prompts, [p["chosen"] for p in eval_pairs])
     r_r = judge(eval_prompts, [p["rejected"] for p in eval_pairs])
-    metrics = pair_accuracy(r_c, r_r)
+    metrics = accuracies(r_c, r_r)
     if kind == "outcome":
         metrics.update({"eval/margin": (r_c - r_r).mean().item(), "eval/chosen_mean": r_c.mean().item(),
                         "eval/chosen_std": r_c.std().item(), "eval/rejected_mean": r_r.mean().item(),
@@ -215,8 +211,8 @@ train_rm = torch.compile(rm) if compile else rm
 logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
 start = evaluate()
 rm.eval()  # a baseline with no training: the initial model's own log-likelihood of each response as the judge
-baseline = pair_accuracy(*(implicit_rewards(gpt, None, tok, eval_prompts, [p[k] for p in eval_pairs])
-                           for k in ("chosen", "rejected")), prefix="loglik/")
+baseline = accuracies(*(implicit_rewards(gpt, None, tok, eval_prompts, [p[k] for p in eval_pairs])
+                        for k in ("chosen", "rejected")), prefix="loglik/")
 print("start: " + " ".join(f"{k} {v:.3f}" for k, v in start.items()))
 print("baseline (the initial model's log-likelihood as the judge): "
       + " ".join(f"{k} {v:.3f}" for k, v in baseline.items()))
@@ -261,7 +257,8 @@ if kind == "outcome" and normalize:
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 save_checkpoint(ckpt_path, rm, tok, step=max_steps, config=config, rm_kind=kind)
 summary = {"kind": kind, "steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
-           "n_eval_pairs": len(eval_pairs), "start": start, "final": final, "baseline": baseline, "normalization": norm}
+           "n_eval_pairs": len(eval_pairs), "start": start, "final": final, "baseline": baseline,
+           "normalization": norm}
 write_json(os.path.join(out_dir, "summary.json"), summary)
 msg = f"held-out pairs: accuracy vs labels {final['eval/acc_labels']:.3f}"
 if "eval/acc_gold" in final:

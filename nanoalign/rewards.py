@@ -84,6 +84,16 @@ def implicit_rewards(policy, ref, tok, prompts, responses, beta=1.0, batch_size=
     return torch.cat(out)
 
 
+def pair_accuracy(r_c, r_r, gold_c=None, gold_r=None):
+    """How a judge ranks preference pairs, given its scores of the chosen and rejected responses [N]:
+    -> (fraction ranked as the labels say, fraction of the pairs whose gold scores differ ranked as gold
+    says, or None without gold scores). A tie in the judge's scores counts half."""
+    agree = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()
+    if gold_c is None:
+        return agree.mean().item(), None
+    return agree.mean().item(), torch.where(gold_c > gold_r, agree, 1 - agree)[gold_c != gold_r].mean().item()
+
+
 def process_score(step_probs, reduce="min"):
     """A response's score from its step probabilities: the weakest step ("min") or all of them ("prod").
     A response with no step scores 0."""

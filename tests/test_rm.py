@@ -13,7 +13,7 @@ from nanoalign.core import pad
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import bradley_terry_loss, process_reward_loss
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.rewards import best_of_n, implicit_rewards, process_score, response_tokens, step_tokens
+from nanoalign.rewards import best_of_n, implicit_rewards, pair_accuracy, process_score, response_tokens, step_tokens
 from nanoalign.tokenizer import byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +122,16 @@ def test_implicit_reward_hand_computed_and_independent_of_batch_neighbours():
     assert implicit_rewards(pi, None, tok, [prompt], ["1+2=3;#3"]).item() == pytest.approx(loglik.item(), abs=1e-5)
 
 
+def test_pair_accuracy_hand_computed():
+    """Judge scores (c, r): right, wrong, tie, right. Labels: 1 + 0 + 0.5 + 1 of 4 = 0.625. Gold prefers the
+    rejected one in pair 2 (so the judge is right there) and ties pair 4 (left out): (1 + 1 + 0.5) / 3."""
+    r_c, r_r = torch.tensor([2.0, 0.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 1.0, 0.0])
+    g_c, g_r = torch.tensor([1.0, 0.2, 0.9, 0.5]), torch.tensor([0.5, 0.7, 0.1, 0.5])
+    assert pair_accuracy(r_c, r_r) == (0.625, None)
+    labels, gold = pair_accuracy(r_c, r_r, g_c, g_r)
+    assert labels == 0.625 and gold == pytest.approx(2.5 / 3)
+
+
 def test_best_of_n_picks_the_argmax():
     scores = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 2.0], [float("-inf"), -5.0, -6.0]])
     assert best_of_n(scores).tolist() == [1, 0, 1]
@@ -154,6 +164,22 @@ def test_train_rm_outcome_end_to_end(tmp_path, sft_ckpt):
     assert rm.gain.item() == pytest.approx(summary["normalization"]["gain"])
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert any("acc" in l and "margin" in l for l in lines)
+
+
+def test_train_rm_outcome_on_a_preference_file(tmp_path, sft_ckpt):
+    """A prompt/chosen/rejected JSONL file: labels-only accuracies (no gold scorer), the likelihood baseline,
+    and the normalisation on the file's prompts."""
+    path = tmp_path / "prefs.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"{i % 7}+{i % 5}", "chosen": "yes, good", "rejected": "no"}) + "\n")
+    out = tmp_path / "rm"
+    run("train_rm.py", f"--init_from={sft_ckpt}", f"--data_path={path}", "--val_frac=0.25", f"--out_dir={out}",
+        *TINY_RM)
+    summary = json.load(open(out / "summary.json"))
+    assert "eval/acc_labels" in summary["final"] and "eval/acc_gold" not in summary["final"]
+    assert set(summary["baseline"]) == {"loglik/acc_labels"}
+    assert summary["normalization"]["std_after"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_train_rm_process_and_best_of_n(tmp_path, sft_ckpt):
