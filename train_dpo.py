@@ -69,9 +69,8 @@ import torch
 from tqdm import tqdm
 
 from nanoalign import data, losses, task
-from nanoalign.core import pad, sequence_logprob, token_logprobs
-from nanoalign.rewards import (implicit_rewards, outcome_scores, pair_accuracy, process_score, response_tokens,
-                               step_scores)
+from nanoalign.rewards import (implicit_rewards, outcome_scores, pair_accuracy, process_score, response_logprobs,
+                               response_tokens, step_scores)
 from nanoalign.sampling import generate
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint,
                              setup_device, step_generator, write_json)
@@ -190,15 +189,9 @@ else:  # a pool of (prompt messages, prompt text for the task's scorers, demonst
 
 
 def seq_logps(model, batch_seqs):
-    """Sum and mean of response-token log-probs of each (ids, response mask) in one forward. -> [N], [N]."""
-    ids, _ = pad([s[0] for s in batch_seqs], tok.pad_id)
-    rmask, _ = pad([s[1] for s in batch_seqs], 0)
-    ids, rmask = ids.to(device), rmask.to(device)
+    """Sum and mean of response-token log-probs of each (ids, response mask), in one forward. -> [N], [N]."""
     with autocast:
-        logits = model(ids)  # right padding: no attention mask needed
-    logp = token_logprobs(logits[:, :-1], ids[:, 1:])
-    m = rmask[:, 1:]
-    return sequence_logprob(logp, m), sequence_logprob(logp, m, average=True)
+        return response_logprobs(model, batch_seqs, tok.pad_id)
 
 
 def flat(idx):
@@ -370,10 +363,8 @@ def evaluate():
     gold = [task.gold(p, t) if e else 0.0 for p, (t, e, _) in zip(eval_prompts, samples)]
     wins = sum(1.0 if g > s else 0.5 if g == s else 0.0 for g, s in zip(gold, sft_gold)) / len(gold)
     reference = load_checkpoint(init_from, device)[0].eval()  # for the KL only, freed after
-    pairs = [response_tokens(tok, [{"role": "user", "content": p}], t) for p, (t, _, _) in zip(eval_prompts, samples)]
-    pairs = [(ids[-T:], m[-T:]) for ids, m in pairs]
-    kl = torch.cat([seq_logps(policy, pairs[i:i + 64])[0] - seq_logps(reference, pairs[i:i + 64])[0]
-                    for i in range(0, len(pairs), 64)])
+    kl = implicit_rewards(policy, reference, tok, [[{"role": "user", "content": p}] for p in eval_prompts],
+                          [t for t, _, _ in samples])  # sum_t log pi/pi_ref of each sample
     return {"eval/win_rate": wins, "eval/kl": kl.mean().item(), "eval/gold": sum(gold) / len(gold),
             "eval/length": sum(s[2] for s in samples) / len(samples)}
 

@@ -19,6 +19,17 @@ def response_tokens(tok, prompt, response):
     return p + r, [0] * len(p) + [1] * len(r)
 
 
+def response_logprobs(model, seqs, pad_id):
+    """Sum and mean of the response-token log-probs of each (ids, response mask) from `response_tokens`,
+    in one right-padded forward (no attention mask needed), float32. -> ([N], [N]). Differentiable: DPO
+    trains through it."""
+    ids, _ = pad([s[0] for s in seqs], pad_id)
+    m, _ = pad([s[1] for s in seqs], 0)
+    ids, m = ids.to(model.lm_head.weight.device), m[:, 1:].to(model.lm_head.weight.device)
+    logp = token_logprobs(model(ids)[:, :-1], ids[:, 1:])
+    return sequence_logprob(logp, m), sequence_logprob(logp, m, average=True)
+
+
 def step_tokens(tok, prompt, response, sep=";"):
     """Tokenise prompt + response step by step. -> (ids, positions): positions[i] is the index of the
     last token of step i (its result, just before the separator), where a process reward model reads
@@ -71,16 +82,14 @@ def implicit_rewards(policy, ref, tok, prompts, responses, beta=1.0, batch_size=
     by DPO against `ref` defines r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) up to a term of x alone,
     so it ranks the responses to one prompt like a reward model. ref=None: beta * log pi(y|x), the
     policy's own likelihood as a judge. Sums over the response and its EOS, float32. -> [N]"""
-    device, out, T = policy.lm_head.weight.device, [], policy.config.block_size
+    out, T = [], policy.config.block_size
     for i in range(0, len(prompts), batch_size):
         seqs = [response_tokens(tok, p, r) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        ids, _ = pad([s[0][-T:] for s in seqs], tok.pad_id)  # right padding: no attention mask needed
-        m, _ = pad([s[1][-T:] for s in seqs], 0)
-        ids, m = ids.to(device), m[:, 1:].to(device)
-        logp = token_logprobs(policy(ids)[:, :-1], ids[:, 1:])
+        seqs = [(ids[-T:], m[-T:]) for ids, m in seqs]  # too long: drop the prompt's start
+        logp = response_logprobs(policy, seqs, tok.pad_id)[0]
         if ref is not None:
-            logp = logp - token_logprobs(ref(ids)[:, :-1], ids[:, 1:])
-        out.append((beta * sequence_logprob(logp, m)).cpu())
+            logp = logp - response_logprobs(ref, seqs, tok.pad_id)[0]
+        out.append((beta * logp).cpu())
     return torch.cat(out)
 
 
