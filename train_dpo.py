@@ -20,7 +20,8 @@ Implementation details:
    (prompt i, completion j) pairs, clamped at 0 and detached.
 4. Evaluation on held-out prompts: one sample each from the policy and from the start (SFT) policy,
    scored by the gold scorer; win rate = P(policy's gold > SFT's) + 0.5 P(tie). KL to the reference
-   is the mean over the policy's samples of sum_t (log pi - log pi_ref), the reference loaded from
+   is the mean over the policy's samples of sum_t (log pi - log pi_ref) over the tokens as sampled
+   (not the decoded text re-encoded, and no EOS added to an unfinished one), the reference loaded from
    `init_from` for the evaluation only (always the SFT model, also online, so runs compare).
 5. Training is a sequence of rounds, each with its own pairs and reference; offline is one round with
    the fixed data set and the SFT reference. Online (`--online`, iterative DPO, Xu et al. 2023) and
@@ -69,9 +70,8 @@ import torch
 from tqdm import tqdm
 
 from nanoalign import data, losses, task
-from nanoalign.rewards import (implicit_rewards, outcome_scores, pair_accuracy, process_score, response_logprobs,
-                               response_tokens, step_scores)
-from nanoalign.sampling import generate
+from nanoalign.rewards import (implicit_rewards, logratios, outcome_scores, pair_accuracy, process_score,
+                               response_logprobs, response_tokens, step_scores)
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint,
                              setup_device, step_generator, write_json)
 
@@ -216,20 +216,6 @@ def best_vs_worst(scores):
     return pairs, tied
 
 
-@torch.no_grad()
-def sample(prompt_msgs, generator):
-    """One response per prompt from the current policy (KV cache, temperature 1).
-    -> list of ((ids, response mask), text, ended with EOS): the tokens exactly as sampled."""
-    out = []
-    for i in range(0, len(prompt_msgs), 256):
-        prompt_ids = [tok.render_prompt(m) for m in prompt_msgs[i:i + 256]]
-        ids, mask = generate(policy, prompt_ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator)
-        for p, row, n in zip(prompt_ids, ids.tolist(), mask.sum(1).tolist()):
-            r = row[:n]
-            out.append(((p + r, [0] * len(p) + [1] * len(r)), tok.decode(r), n > 0 and r[-1] == tok.eos_id))
-    return out
-
-
 judge_model, judge_kind = None, None
 if online and judge not in ("gold", "verify"):  # RLAIF: a reward model ranks the samples
     judge_model, _, judge_ckpt = load_checkpoint(judge, device)
@@ -255,14 +241,15 @@ def make_pairs(r):
     chunk = [pool[(r * prompts_per_round + i) % len(pool)] for i in range(min(prompts_per_round, len(pool)))]
     k = 1 if spin else k_samples
     rows = [c for c in chunk for _ in range(k)]  # prompt i's samples are rows i*k .. i*k + k-1
-    samples = sample([c[0] for c in rows], torch.Generator(device=device).manual_seed(seed * 1000 + r))
-    texts, ended = [s[1] for s in samples], [s[2] for s in samples]
+    samples = task.sample_responses(policy, tok, [c[0] for c in rows], max_new_tokens=max_new_tokens, batch_size=256,
+                                    generator=torch.Generator(device=device).manual_seed(seed * 1000 + r))
+    texts, ended = [s[0] for s in samples], [s[1] for s in samples]  # s[3]: the tokens exactly as sampled
     stats = {"round": r + 1, "round/eos_frac": sum(ended) / len(samples), "round/ref_update": ref_update}
     if data_path == "builtin":
         stats["round/gold_mean"] = sum(task.gold(c[1], t) if e else 0.0 for c, t, e in zip(rows, texts, ended)) / len(rows)
     if spin:
         new, tied = [], 0
-        for (msgs, _, demo), (seq, text, e) in zip(chunk, samples):
+        for (msgs, _, demo), (text, e, _, seq) in zip(chunk, samples):
             if e and text == demo:  # the policy reproduced the demonstration: nothing to push apart
                 tied += 1
             else:
@@ -273,7 +260,7 @@ def make_pairs(r):
         stats["round/judge_mean"] = sum(finished) / len(finished) if finished else 0.0
         ranked = [s if e else float("-inf") for s, e in zip(scores, ended)]  # unfinished: below everything
         pairs, tied = best_vs_worst([ranked[i * k:(i + 1) * k] for i in range(len(chunk))])
-        new = [[samples[i * k + b][0], samples[i * k + w][0]] for i, b, w in pairs]
+        new = [[samples[i * k + b][3], samples[i * k + w][3]] for i, b, w in pairs]
     stats.update({"round/pairs": len(new), "round/tied_frac": tied / len(chunk)})
     return new, stats
 
@@ -353,18 +340,17 @@ def compute_loss(idx):
 # -------------------------------------------------------------------------- evaluation
 eval_prompts = task.prompts(n_eval, seed, split="test")
 sft_samples = task.sample_responses(policy, tok, eval_prompts, generator=torch.Generator(device=device).manual_seed(seed))
-sft_gold = [task.gold(p, t) if e else 0.0 for p, (t, e, _) in zip(eval_prompts, sft_samples)]
+sft_gold = [task.gold(p, t) if e else 0.0 for p, (t, e, _, _) in zip(eval_prompts, sft_samples)]
 
 
 @torch.no_grad()
 def evaluate():
     samples = task.sample_responses(policy, tok, eval_prompts,
                                     generator=torch.Generator(device=device).manual_seed(seed + 1))
-    gold = [task.gold(p, t) if e else 0.0 for p, (t, e, _) in zip(eval_prompts, samples)]
+    gold = [task.gold(p, t) if e else 0.0 for p, (t, e, _, _) in zip(eval_prompts, samples)]
     wins = sum(1.0 if g > s else 0.5 if g == s else 0.0 for g, s in zip(gold, sft_gold)) / len(gold)
     reference = load_checkpoint(init_from, device)[0].eval()  # for the KL only, freed after
-    kl = implicit_rewards(policy, reference, tok, [[{"role": "user", "content": p}] for p in eval_prompts],
-                          [t for t, _, _ in samples])  # sum_t log pi/pi_ref of each sample
+    kl = logratios(policy, reference, [s[3] for s in samples], tok.pad_id)  # sum_t log pi/pi_ref, sampled tokens
     return {"eval/win_rate": wins, "eval/kl": kl.mean().item(), "eval/gold": sum(gold) / len(gold),
             "eval/length": sum(s[2] for s in samples) / len(samples)}
 

@@ -137,12 +137,12 @@ def evaluate():
     flat = [p for p in eval_prompts for _ in range(eval_k)]
     samples = task.sample_responses(policy, tok, flat, temperature=temperature, max_new_tokens=max_new_tokens,
                                     generator=torch.Generator(device=device).manual_seed(seed + 1))
-    ok = [pass_fn(p, t) if e else 0.0 for p, (t, e, _) in zip(flat, samples)]  # no EOS: unfinished, fails
+    ok = [pass_fn(p, t) if e else 0.0 for p, (t, e, _, _) in zip(flat, samples)]  # no EOS: unfinished, fails
     passed = [int(sum(ok[i * eval_k:(i + 1) * eval_k])) for i in range(len(eval_prompts))]
     metrics = {"eval/pass@1": sum(passed) / len(flat),
                f"eval/pass@{eval_k}": sum(pass_at_k(eval_k, c, eval_k) for c in passed) / len(passed)}
     if data_path == "builtin":
-        metrics["eval/gold"] = sum(task.gold(p, t) if e else 0.0 for p, (t, e, _) in zip(flat, samples)) / len(flat)
+        metrics["eval/gold"] = sum(task.gold(p, t) if e else 0.0 for p, (t, e, _, _) in zip(flat, samples)) / len(flat)
     return metrics
 
 

@@ -82,13 +82,22 @@ def implicit_rewards(policy, ref, tok, prompts, responses, beta=1.0, batch_size=
     by DPO against `ref` defines r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) up to a term of x alone,
     so it ranks the responses to one prompt like a reward model. ref=None: beta * log pi(y|x), the
     policy's own likelihood as a judge. Sums over the response and its EOS, float32. -> [N]"""
-    out, T = [], policy.config.block_size
-    for i in range(0, len(prompts), batch_size):
-        seqs = [response_tokens(tok, p, r) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        seqs = [(ids[-T:], m[-T:]) for ids, m in seqs]  # too long: drop the prompt's start
-        logp = response_logprobs(policy, seqs, tok.pad_id)[0]
+    T = policy.config.block_size
+    seqs = [response_tokens(tok, p, r) for p, r in zip(prompts, responses)]
+    seqs = [(ids[-T:], m[-T:]) for ids, m in seqs]  # too long: drop the prompt's start
+    return logratios(policy, ref, seqs, tok.pad_id, beta, batch_size)
+
+
+@torch.no_grad()
+def logratios(policy, ref, seqs, pad_id, beta=1.0, batch_size=64):
+    """beta * (log pi(y|x) - log pi_ref(y|x)) of tokenised sequences, (ids, response mask) pairs as
+    `response_tokens` or `task.sample_responses` make them (ref=None: beta * log pi(y|x)). On the policy's
+    own samples its mean estimates KL(pi || pi_ref) (times beta). -> [N], float32, on the CPU."""
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        logp = response_logprobs(policy, seqs[i:i + batch_size], pad_id)[0]
         if ref is not None:
-            logp = logp - response_logprobs(ref, seqs, tok.pad_id)[0]
+            logp = logp - response_logprobs(ref, seqs[i:i + batch_size], pad_id)[0]
         out.append((beta * logp).cpu())
     return torch.cat(out)
 

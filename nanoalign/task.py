@@ -165,16 +165,18 @@ def prompts(n, seed=0, split="test"):
 def sample_responses(model, tok, prompts, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, batch_size=64,
                      generator=None, **kw):
     """Sample one response per prompt (a user message string, or a list of chat messages).
-    -> list of (text, ended_with_eos, n_tokens)."""
+    -> list of (text, ended_with_eos, n_tokens, seq). seq = (prompt ids + response ids, response mask) holds
+    the tokens exactly as sampled (the EOS only if one was sampled), in `rewards.response_tokens`' format:
+    score log-probs on it, not on the re-encoded text."""
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = [tok.render_prompt([{"role": "user", "content": p}] if isinstance(p, str) else p)
                  for p in prompts[i:i + batch_size]]
         ids, mask = generate(model, chunk, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature,
                              generator=generator, **kw)
-        for row, m in zip(ids.tolist(), mask.sum(1).tolist()):
-            ended = m > 0 and row[m - 1] == tok.eos_id
-            out.append((tok.decode(row[:m]), ended, m))
+        for p, row, m in zip(chunk, ids.tolist(), mask.sum(1).tolist()):
+            r = row[:m]
+            out.append((tok.decode(r), m > 0 and r[-1] == tok.eos_id, m, (p + r, [0] * len(p) + [1] * m)))
     return out
 
 
@@ -183,8 +185,8 @@ def evaluate(model, tok, prompt_texts, temperature=1.0, seed=0, **kw):
     emitted EOS is unfinished: it gets gold 0 and fails."""
     g = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed)
     samples = sample_responses(model, tok, prompt_texts, temperature=temperature, generator=g, **kw)
-    golds = [gold(p, t) if e else 0.0 for p, (t, e, _) in zip(prompt_texts, samples)]
-    passes = [verify(p, t) if e else 0.0 for p, (t, e, _) in zip(prompt_texts, samples)]
+    golds = [gold(p, t) if e else 0.0 for p, (t, e, _, _) in zip(prompt_texts, samples)]
+    passes = [verify(p, t) if e else 0.0 for p, (t, e, _, _) in zip(prompt_texts, samples)]
     n = len(samples)
     return {"gold": sum(golds) / n, "pass": sum(passes) / n, "length": sum(s[2] for s in samples) / n,
             "eos": sum(s[1] for s in samples) / n}

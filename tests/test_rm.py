@@ -13,7 +13,9 @@ from nanoalign.core import pad
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import bradley_terry_loss, process_reward_loss
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.rewards import best_of_n, implicit_rewards, pair_accuracy, process_score, response_tokens, step_tokens
+from nanoalign.rewards import (best_of_n, implicit_rewards, logratios, pair_accuracy, process_score, response_tokens,
+                               step_tokens)
+from nanoalign.sampling import generate
 from nanoalign.tokenizer import byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +122,32 @@ def test_implicit_reward_hand_computed_and_independent_of_batch_neighbours():
     assert implicit_rewards(pi, pi, tok, [prompt], ["1+2=3;#3"]).item() == 0.0
     loglik = sum(a[t - 1, ids[t]] for t in range(len(ids)) if mask[t])  # ref=None: the likelihood itself
     assert implicit_rewards(pi, None, tok, [prompt], ["1+2=3;#3"]).item() == pytest.approx(loglik.item(), abs=1e-5)
+
+
+def test_sampled_sequences_are_scored_as_sampled():
+    """task.sample_responses keeps the tokens exactly as generate sampled them (no EOS appended to an
+    unfinished response), and logratios sums log pi - log pi_ref over exactly those tokens: a KL estimate
+    must score the samples, not the decoded text re-encoded with an EOS added."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, vocab_size=261, n_layer=1, n_head=2, n_embd=16)
+    pi, ref = GPT(cfg).eval(), GPT(cfg).eval()
+    tok, prompts = byte_tokenizer(), ["1+2", "3+4+5"]
+    samples = task.sample_responses(pi, tok, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(1))
+    rendered = [tok.render_prompt([{"role": "user", "content": p}]) for p in prompts]
+    out, out_mask = generate(pi, rendered, 6, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(1))
+    assert [s[1] for s in samples] == [False, True]  # with these seeds: one unfinished, one sampled EOS (5th token)
+    for (text, ended, n, (ids, mask)), p, row, m in zip(samples, rendered, out.tolist(), out_mask.sum(1).tolist()):
+        assert n == m and ids == p + row[:m] and mask == [0] * len(p) + [1] * m
+        assert (ids[-1] == tok.eos_id) == ended  # the EOS is there only if it was sampled
+    seqs = [s[3] for s in samples]
+    want = []
+    with torch.no_grad():
+        for ids, mask in seqs:
+            a, b = (torch.log_softmax(x(torch.tensor([ids]))[0].float(), -1) for x in (pi, ref))
+            want.append(sum(a[t - 1, ids[t]] - b[t - 1, ids[t]] for t in range(len(ids)) if mask[t]).item())
+    got = logratios(pi, ref, seqs, tok.pad_id, beta=0.5)
+    assert got.tolist() == pytest.approx([0.5 * w for w in want], abs=1e-5)
+    assert logratios(pi, pi, seqs, tok.pad_id).abs().max().item() == 0.0
 
 
 def test_pair_accuracy_hand_computed():
