@@ -157,8 +157,10 @@ def forward(ids, mask, Tp, resp):
     with autocast:
         h = policy.body(ids, mask)
         logits = policy.lm_head(h[:, Tp - 1:-1])  # logits[t] predicts resp[t]
-        hv = h if value_model.gpt is policy else value_model.gpt.body(ids, mask)
-        values = value_model.head(hv[:, Tp - 1:-1]).squeeze(-1).float()  # values[t]: the state before resp[t]
+        if value_model.gpt is policy:  # shared body: only the value head is the critic's own
+            values = value_model.head(h[:, Tp - 1:-1]).squeeze(-1).float()  # values[t]: the state before resp[t]
+        else:
+            values = value_model(ids, mask)[:, Tp - 1:-1]
     return token_logprobs(logits, resp, temperature), entropy_from_logits(logits, temperature), values
 
 

@@ -7,8 +7,9 @@ Reward models: an outcome reward model (Bradley-Terry on preference pairs) or a 
     python train_rm.py --data_path=hh.jsonl.gz --init_from=gpt2/ --device=cuda
 
 Implementation details:
-1. The RM is the SFT model's body plus a linear head (zero-initialised: the first loss is log 2); the
-   language-model head is unused.
+1. The RM is the SFT model's body plus a linear head (zero-initialised: the first loss is log 2), by
+   default with two new transformer blocks in between that also read each token's log-prob (detail 7;
+   `--top_blocks=0`: the head on the body, which trains the body too).
 2. Outcome: chosen and rejected sequences go through ONE forward (stacked on the batch axis), and each
    reward is read at the sequence's last real token, the EOS (`core.gather_last`, mask from lengths).
 3. Loss: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2, the mean over pairs.
@@ -21,6 +22,12 @@ Implementation details:
 6. Normalisation (outcome RM): after training, rewards of the SFT policy's own samples on training
    prompts are standardised, reward = gain * raw + bias with mean 0 and std 1; gain and bias are
    saved in the checkpoint, so PPO reads rewards on a known scale.
+7. `--top_blocks=k` puts k new transformer blocks between the body and the head and freezes the body
+   (`heads.ScalarModel`). Besides the body's hidden states, the blocks read each token's log-prob under
+   the body's own LM head, log p(x_t | x_<t), added as that number times a learned vector. The body
+   knows how likely each written token is only through its LM head; a head on its hidden states has to
+   learn that from the outcome labels first, which on the built-in task takes thousands of steps
+   (README). With it, the new blocks only have to learn how to weigh and gather the log-probs.
 
 Logged metrics (metrics.jsonl):
   loss, lr, grad_norm       training loss of the step, learning rate, gradient norm before clipping
@@ -64,6 +71,7 @@ on_error = "raise"  # malformed records: "raise" or "skip" (counted, reported)
 truncate = "skip"  # sequences longer than the context: "skip" (counted), "raise", or "left"
 margin = 0.0  # Bradley-Terry margin for pairs that carry no "margin" field
 center_coef = 0.0  # reward centering: + center_coef * mean((r_c + r_r)^2)
+top_blocks = 2  # outcome: new blocks between the (then frozen) body and the head, fed log p(token) (detail 7)
 batch_size = 32  # pairs (outcome) or responses (process) per step
 max_steps = 600  # optimizer steps
 lr = 1e-3  # peak learning rate
@@ -92,14 +100,20 @@ user = lambda text: [{"role": "user", "content": text}]  # a built-in prompt as 
 
 # -------------------------------------------------------------------------- model
 gpt, tok = init_model(init_from, tokenizer, {}, device)
-rm = ScalarModel(gpt).to(device)
+if kind == "process":
+    top_blocks = config["top_blocks"] = 0  # the process RM reads each step's result on the body (detail 4)
+rm = ScalarModel(gpt, top_blocks).to(device)
+if top_blocks:  # the body is frozen (and needs no backward pass); the new blocks and the head learn
+    rm.gpt.requires_grad_(False)
 policy_path = policy or (init_from if init_from.endswith(".pt") else "")  # whose samples set the normalisation
 if kind == "outcome" and normalize and policy_path and \
         torch.load(policy_path, map_location="cpu", weights_only=True).get("kind") == "scalar":
     raise SystemExit(f"{policy_path} is a reward model and cannot sample: pass --policy=<the SFT checkpoint> "
                      "for the normalisation (or --normalize=False)")
 block = gpt.config.block_size
-print(f"{kind} reward model from {init_from}: {gpt.num_params() / 1e6:.2f}M parameters")
+n_train_params = sum(p.numel() for p in rm.parameters() if p.requires_grad)
+print(f"{kind} reward model from {init_from}: {gpt.num_params() / 1e6:.2f}M-parameter body, {top_blocks} new blocks, "
+      f"{n_train_params / 1e6:.2f}M parameters trained")
 
 # -------------------------------------------------------------------------- data
 if data_path == "builtin":
@@ -205,8 +219,10 @@ def loss_on(batch):
 
 
 # -------------------------------------------------------------------------- training loop
-optimizer = rm.gpt.configure_optimizer(weight_decay, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
-optimizer.add_param_group({"params": list(rm.head.parameters()), "weight_decay": 0.0})
+params = [p for n, p in rm.named_parameters() if p.requires_grad and not n.startswith("head.")]
+optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                               {"params": [p for p in params if p.dim() < 2] + list(rm.head.parameters()),
+                                "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99), fused="cuda" in device)
 train_rm = torch.compile(rm) if compile else rm
 logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
 start = evaluate()

@@ -5,18 +5,46 @@ One module serves all three: a linear head mapping each final hidden state to on
 - outcome reward: the scalar at the last real token of prompt + response (the EOS), `reward()`;
 - process reward: the scalars at the step-separator tokens, one logit of "this step is correct" each;
 - value / critic: the scalar at every token, `forward()`.
+
+Optionally (`top_blocks` > 0) fresh transformer blocks sit between the body and the head, and they read,
+besides the body's hidden states, each token's log-prob under the body's own language-model head,
+log p(x_t | x_<t). Why: a small body can tell how likely each written token is only through its LM
+head (the dot product of the state before a token with that token's embedding); no hidden state holds
+it, and a reward head alone cannot learn it quickly from outcome labels (README, reward models).
 """
 import torch
 import torch.nn as nn
 
-from nanoalign.core import gather_last
+from nanoalign.core import gather_last, token_logprobs
+from nanoalign.model import Block, positions_and_attention
+
+
+def token_surprise(gpt, h, ids, mask=None):
+    """log p(x_t | x_<t) of every token under `gpt`'s LM head, from its final hidden states h [B, T, C];
+    0 where the token before is not a real one (the first token, any padding). [B, T], float32."""
+    lp = torch.zeros(ids.shape, device=ids.device)
+    lp[:, 1:] = token_logprobs(gpt.lm_head(h[:, :-1]), ids[:, 1:])
+    if mask is not None:
+        lp[:, 1:] = lp[:, 1:] * (mask[:, 1:].bool() & mask[:, :-1].bool())
+    lp[:, 0] = 0.0
+    return lp
 
 
 class ScalarModel(nn.Module):
-    def __init__(self, gpt):
+    def __init__(self, gpt, top_blocks=0):
         super().__init__()
         self.gpt, self.config = gpt, gpt.config
-        self.head = nn.Linear(gpt.config.n_embd, 1)
+        C = gpt.config.n_embd
+        self.top = nn.ModuleList([Block(gpt.config, gpt.config.n_layer + i) for i in range(top_blocks)])
+        if top_blocks:
+            for name, p in self.top.named_parameters():  # GPT-2's init, as in GPT._init_weights
+                if name.endswith("weight") and p.dim() == 2:
+                    nn.init.normal_(p, mean=0.0, std=0.02)
+                elif name.endswith("bias") and "ln" not in name:
+                    nn.init.zeros_(p)
+            self.logp_embed = nn.Parameter(torch.randn(C) / C ** 0.5)  # log p(x_t) enters as lp * this vector
+            self.ln_top = nn.LayerNorm(C, bias=gpt.config.bias)
+        self.head = nn.Linear(C, 1)
         nn.init.zeros_(self.head.weight)  # every reward starts at 0: the first loss is exactly log 2
         nn.init.zeros_(self.head.bias)
         # normalisation set after training (train_rm.py): reward = gain * raw + bias
@@ -25,7 +53,14 @@ class ScalarModel(nn.Module):
 
     def forward(self, ids, mask=None):
         """One raw scalar per token, float32. [B, T] -> [B, T]."""
-        return self.head(self.gpt.body(ids, mask)).squeeze(-1).float()
+        h = self.gpt.body(ids, mask)
+        if len(self.top):
+            h = h + token_surprise(self.gpt, h, ids, mask).to(h.dtype)[..., None] * self.logp_embed
+            attn = None if mask is None else positions_and_attention(mask.bool())[1]
+            for block in self.top:
+                h = block(h, attn)
+            h = self.ln_top(h)
+        return self.head(h).squeeze(-1).float()
 
     @torch.no_grad()
     def set_normalisation(self, raw):

@@ -126,7 +126,7 @@ def save_checkpoint(path, model, tok, **extra):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
     state = {"model": model.state_dict(), "model_config": asdict(model.config), "tokenizer": tok.spec, "kind": kind,
-             **extra}
+             **({"top_blocks": len(model.top)} if kind == "scalar" else {}), **extra}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -137,7 +137,7 @@ def load_checkpoint(path, device="cpu"):
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     if ckpt.get("kind") == "scalar":
-        model = ScalarModel(model)
+        model = ScalarModel(model, ckpt.get("top_blocks", 0))
     model.load_state_dict(ckpt["model"])
     return model.to(device), get_tokenizer(ckpt["tokenizer"]), ckpt
 

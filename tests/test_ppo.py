@@ -137,10 +137,14 @@ def rm_ckpts(sft_ckpt, tmp_path_factory):
     for kind in ("outcome", "process"):
         paths[kind] = str(tmp_path_factory.mktemp(kind) / "ckpt.pt")
         save_checkpoint(paths[kind], rm, tok, rm_kind=kind)
+    top = ScalarModel(load_checkpoint(sft_ckpt)[0], top_blocks=1)  # train_rm.py's default shape: new blocks on top
+    torch.nn.init.normal_(top.head.weight, std=1.0)
+    paths["outcome_top"] = str(tmp_path_factory.mktemp("outcome_top") / "ckpt.pt")
+    save_checkpoint(paths["outcome_top"], top, tok, rm_kind="outcome")
     return paths
 
 
-@pytest.mark.parametrize("judge,extra", [("outcome", []), ("process", []),
+@pytest.mark.parametrize("judge,extra", [("outcome", []), ("process", []), ("outcome_top", []),
                                          ("outcome", ["--critic=shared", "--kl_estimator=k3", "--whiten_rewards=True",
                                                       "--adaptive_kl=False", "--ent_coef=0.01"])])
 def test_tiny_ppo_run(sft_ckpt, rm_ckpts, tmp_path, judge, extra):

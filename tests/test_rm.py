@@ -40,11 +40,12 @@ def test_process_reward_loss_hand_computed():
     assert loss.item() == pytest.approx((0.693147 + 2.126928) / 2, abs=1e-5)
 
 
-@pytest.fixture(scope="module")
-def rm():
+@pytest.fixture(scope="module", params=[0, 2], ids=["head", "top_blocks"])
+def rm(request):
+    """A reward model with a random (non-trivial) head: on the body directly, or with two new blocks."""
     torch.manual_seed(0)
-    m = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=261, n_layer=2, n_head=2, n_embd=32)))
-    torch.nn.init.normal_(m.head.weight, std=1.0)  # a non-trivial head
+    m = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=261, n_layer=2, n_head=2, n_embd=32)), request.param)
+    torch.nn.init.normal_(m.head.weight, std=1.0)
     return m.eval()
 
 
@@ -62,6 +63,37 @@ def test_reward_is_read_at_the_last_real_token_under_any_padding(rm):
             assert torch.allclose(rm.reward(ids, mask), alone, atol=1e-5)
     ids, mask = pad(seqs, tok.pad_id)
     assert not torch.allclose(rm(ids, mask)[:, -1], alone, atol=1e-3)  # the last column is padding
+
+
+def test_token_surprise_hand_computed_and_padding_free():
+    """The new blocks' extra input: log p(x_t | x_<t) under the body's LM head, 0 at the first token; the
+    same at each real token under left or right padding, and 0 at a token that follows padding."""
+    from nanoalign.heads import token_surprise
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=261, n_layer=1, n_head=2, n_embd=16)).eval()
+    seqs = [[5, 9, 3, 7, 1], [4, 2, 8]]
+    with torch.no_grad():
+        want = []
+        for s in seqs:
+            lsm = torch.log_softmax(gpt(torch.tensor([s]))[0].float(), -1)
+            want.append([0.0] + [lsm[t - 1, s[t]].item() for t in range(1, len(s))])
+        for left in (False, True):
+            ids, mask = pad(seqs, 260, left=left, T=7)
+            lp = token_surprise(gpt, gpt.body(ids, mask), ids, mask)
+            for i, s in enumerate(seqs):
+                real = mask[i].nonzero().squeeze(1)
+                assert lp[i, real].tolist() == pytest.approx(want[i], abs=1e-5)
+                assert lp[i][~mask[i].bool()].abs().sum().item() == 0.0
+    assert abs(want[0][1]) > 1e-3
+
+
+def test_checkpoint_keeps_the_new_blocks(rm, tmp_path):
+    from nanoalign.utils import load_checkpoint, save_checkpoint
+    path = str(tmp_path / "rm.pt")
+    save_checkpoint(path, rm, byte_tokenizer(), rm_kind="outcome")
+    loaded = load_checkpoint(path)[0].eval()
+    ids = torch.randint(0, 256, (3, 10))
+    assert len(loaded.top) == len(rm.top) and torch.equal(loaded(ids), rm(ids))
 
 
 def test_normalisation_gives_mean_0_std_1(rm):
@@ -192,6 +224,21 @@ def test_train_rm_outcome_end_to_end(tmp_path, sft_ckpt):
     assert rm.gain.item() == pytest.approx(summary["normalization"]["gain"])
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert any("acc" in l and "margin" in l for l in lines)
+
+
+@pytest.mark.parametrize("top_blocks", [0, 1])
+def test_train_rm_top_blocks_freeze_the_body(tmp_path, sft_ckpt, top_blocks):
+    """--top_blocks=1: the SFT body is unchanged by training, the new block and the head moved;
+    --top_blocks=0: the head sits on the body, and the body trains too."""
+    from nanoalign.utils import load_checkpoint
+    out = tmp_path / "rm"
+    run("train_rm.py", f"--init_from={sft_ckpt}", f"--out_dir={out}", f"--top_blocks={top_blocks}", *TINY_RM)
+    rm, _, ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    sft = load_checkpoint(sft_ckpt)[0].state_dict()
+    assert ckpt["top_blocks"] == top_blocks and len(rm.top) == top_blocks
+    same = [torch.equal(v, sft[k]) for k, v in rm.gpt.state_dict().items()]
+    assert all(same) if top_blocks else not all(same)
+    assert rm.head.weight.abs().sum().item() > 0  # it started at zero
 
 
 def test_train_rm_outcome_on_a_preference_file(tmp_path, sft_ckpt):
