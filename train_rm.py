@@ -20,8 +20,9 @@ Implementation details:
 5. Evaluation on held-out pairs: accuracy against their (noisy) labels and against the gold scorer on
    pairs whose gold scores differ. The process RM ranks a response by its weakest step.
 6. Normalisation (outcome RM): after training, rewards of the SFT policy's own samples on training
-   prompts are standardised, reward = gain * raw + bias with mean 0 and std 1; gain and bias are
-   saved in the checkpoint, so PPO reads rewards on a known scale.
+   prompts (the first n_norm that leave room in the context for a sample) are standardised, reward =
+   gain * raw + bias with mean 0 and std 1; gain and bias are saved in the checkpoint, so PPO reads
+   rewards on a known scale.
 7. `--top_blocks=k` puts k new transformer blocks between the body and the head and freezes the body
    (`heads.ScalarModel`). Besides the body's hidden states, the blocks read each token's log-prob under
    the body's own LM head, log p(x_t | x_<t), added as that number times a learned vector. The body
@@ -42,6 +43,7 @@ summary.json also has `baseline`: loglik/acc_labels, loglik/acc_gold, the same p
 training at all, the initial model's own log-likelihood of each response (sum over its tokens) as the
 judge. What a trained reward model must beat.
 """
+import itertools
 import os
 import random
 import time
@@ -143,6 +145,15 @@ else:  # process: demonstrator samples (at twice the slip rate) with the step ch
         ids, pos = step_tokens(tok, user(p), r)
         train_set.append((ids, pos, task.step_labels(p, r)))
 print(f"data: {len(train_set)} training examples, {len(eval_pairs)} held-out pairs")
+norm_prompts = []  # training prompts whose policy samples set the normalisation (detail 6); checked before training
+if kind == "outcome" and normalize and policy_path:
+    pool = (user(p) for p in task.prompts(n_norm, seed, split="train")) if data_path == "builtin" else \
+        (r["prompt"] for r in train_records)
+    fits = (p for p in pool if len(tok.render_prompt(p)) + task.MAX_NEW_TOKENS <= block)  # room to sample
+    norm_prompts = list(itertools.islice(fits, n_norm))
+    if not norm_prompts:
+        raise SystemExit(f"no training prompt leaves room for a {task.MAX_NEW_TOKENS}-token sample in block_size "
+                         f"{block}, so there is nothing to normalise on: pass --normalize=False")
 
 
 def prompt_text(pair):  # the built-in task's prompt string (gold needs it)
@@ -257,10 +268,7 @@ norm = {}
 if kind == "outcome" and normalize:
     if policy_path:
         pol, ptok, _ = load_checkpoint(policy_path, device)
-        if data_path == "builtin":
-            prompts = [user(p) for p in task.prompts(n_norm, seed, split="train")]
-        else:
-            prompts = [r["prompt"] for r in train_records[:n_norm]]
+        prompts = norm_prompts
         samples = task.sample_responses(pol, ptok, prompts, generator=torch.Generator(device=device).manual_seed(seed))
         rm.eval()
         raw = outcome_scores(rm, tok, prompts, [s[0] for s in samples])

@@ -257,6 +257,28 @@ def test_train_rm_outcome_on_a_preference_file(tmp_path, sft_ckpt):
     assert summary["normalization"]["std_after"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_train_rm_normalises_on_prompts_that_leave_room_to_sample(tmp_path, sft_ckpt):
+    """A file whose prompts are half too long to sample from (--truncate=left keeps their pairs for
+    training): the normalisation uses only prompts that fit; with none that fit, it stops before training."""
+    path = tmp_path / "prefs.jsonl"
+    long_prompt = "a long question " * 20  # 320 bytes: more than the tiny model's 128-token context
+    with open(path, "w") as f:
+        for i in range(80):
+            prompt = long_prompt if i % 2 else f"{i % 7}+{i % 5}"
+            f.write(json.dumps({"prompt": prompt, "chosen": "yes, good", "rejected": "no"}) + "\n")
+    out = tmp_path / "rm"
+    run("train_rm.py", f"--init_from={sft_ckpt}", f"--data_path={path}", "--truncate=left", f"--out_dir={out}",
+        *TINY_RM)
+    assert json.load(open(out / "summary.json"))["normalization"]["n"] == 16  # n_norm, all of them short
+    with open(path, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": long_prompt, "chosen": "yes, good", "rejected": "no"}) + "\n")
+    r = subprocess.run([sys.executable, "train_rm.py", f"--init_from={sft_ckpt}", f"--data_path={path}",
+                        "--truncate=left", f"--out_dir={tmp_path / 'rm2'}", *TINY_RM],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--normalize=False" in r.stderr and not (tmp_path / "rm2" / "metrics.jsonl").exists()
+
+
 def test_train_rm_process_and_best_of_n(tmp_path, sft_ckpt):
     """A tiny process RM run, then best_of_n.py with outcome RMs, their ensemble, the PRM and gold."""
     prm, rm1, rm2 = tmp_path / "prm", tmp_path / "rm1", tmp_path / "rm2"
