@@ -19,7 +19,7 @@ from nanoalign.core import gather_last, token_logprobs
 from nanoalign.model import Block, positions_and_attention
 
 
-def token_surprise(gpt, h, ids, mask=None):
+def input_logprobs(gpt, h, ids, mask=None):
     """log p(x_t | x_<t) of every token under `gpt`'s LM head, from its final hidden states h [B, T, C];
     0 where the token before is not a real one (the first token, any padding). [B, T], float32."""
     lp = torch.zeros(ids.shape, device=ids.device)
@@ -55,7 +55,7 @@ class ScalarModel(nn.Module):
         """One raw scalar per token, float32. [B, T] -> [B, T]."""
         h = self.gpt.body(ids, mask)
         if len(self.top):
-            h = h + token_surprise(self.gpt, h, ids, mask).to(h.dtype)[..., None] * self.logp_embed
+            h = h + input_logprobs(self.gpt, h, ids, mask).to(h.dtype)[..., None] * self.logp_embed
             attn = None if mask is None else positions_and_attention(mask.bool())[1]
             for block in self.top:
                 h = block(h, attn)

@@ -65,10 +65,10 @@ def test_reward_is_read_at_the_last_real_token_under_any_padding(rm):
     assert not torch.allclose(rm(ids, mask)[:, -1], alone, atol=1e-3)  # the last column is padding
 
 
-def test_token_surprise_hand_computed_and_padding_free():
+def test_input_logprobs_hand_computed_and_padding_free():
     """The new blocks' extra input: log p(x_t | x_<t) under the body's LM head, 0 at the first token; the
     same at each real token under left or right padding, and 0 at a token that follows padding."""
-    from nanoalign.heads import token_surprise
+    from nanoalign.heads import input_logprobs
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(block_size=64, vocab_size=261, n_layer=1, n_head=2, n_embd=16)).eval()
     seqs = [[5, 9, 3, 7, 1], [4, 2, 8]]
@@ -79,7 +79,7 @@ def test_token_surprise_hand_computed_and_padding_free():
             want.append([0.0] + [lsm[t - 1, s[t]].item() for t in range(1, len(s))])
         for left in (False, True):
             ids, mask = pad(seqs, 260, left=left, T=7)
-            lp = token_surprise(gpt, gpt.body(ids, mask), ids, mask)
+            lp = input_logprobs(gpt, gpt.body(ids, mask), ids, mask)
             for i, s in enumerate(seqs):
                 real = mask[i].nonzero().squeeze(1)
                 assert lp[i, real].tolist() == pytest.approx(want[i], abs=1e-5)
