@@ -37,11 +37,7 @@ class ScalarModel(nn.Module):
         C = gpt.config.n_embd
         self.top = nn.ModuleList([Block(gpt.config, gpt.config.n_layer + i) for i in range(top_blocks)])
         if top_blocks:
-            for name, p in self.top.named_parameters():  # GPT-2's init, as in GPT._init_weights
-                if name.endswith("weight") and p.dim() == 2:
-                    nn.init.normal_(p, mean=0.0, std=0.02)
-                elif name.endswith("bias") and "ln" not in name:
-                    nn.init.zeros_(p)
+            self.top.apply(gpt._init_weights)  # GPT-2's init, as the body's blocks had before training
             self.logp_embed = nn.Parameter(torch.randn(C) / C ** 0.5)  # log p(x_t) enters as lp * this vector
             self.ln_top = nn.LayerNorm(C, bias=gpt.config.bias)
         self.head = nn.Linear(C, 1)
