@@ -17,6 +17,7 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
     The centering term (Eisenstein et al. 2023) pins the free offset of the rewards near 0; averaged
     over the batch it is center_coef * mean((r_c + r_r)^2).
     Example: r_c = 2.0, r_r = 0.5 -> P = sigmoid(1.5) = 0.818, loss = 0.201.
+    Gradient (margin 0, no centering): d loss / d r_c = -(1 - P) = -d loss / d r_r.
     """
     return -F.logsigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected) ** 2
 
@@ -56,6 +57,8 @@ def group_advantages(rewards, baseline="mean", scale="group", eps=1e-6):
              "none":  no division                               (Dr. GRPO, Liu et al. 2025; RLOO)
     A group whose rewards are all equal gets advantage 0 (never NaN): it carries no signal.
     Example: rewards [1, 0, 0.5, 1], mean baseline, group scale -> [0.905, -1.508, -0.302, 0.905].
+    Binary rewards with a fraction p correct, mean baseline, group scale: a correct response gets
+    (1 - p) / sqrt(p (1 - p)) = sqrt((1 - p) / p), a wrong one -sqrt(p / (1 - p)) (rare successes, big pushes).
     """
     G = rewards.shape[-1]
     mean = rewards.mean(-1, keepdim=True)
@@ -65,6 +68,18 @@ def group_advantages(rewards, baseline="mean", scale="group", eps=1e-6):
     elif scale == "batch":
         adv = adv / (adv.std(unbiased=False) + eps)
     return adv
+
+
+def k1_kl(logp, ref_logp):
+    """k1 = log pi(y) - log pi_ref(y), for y ~ pi: unbiased for KL(pi || pi_ref), negative wherever
+    pi_ref(y) > pi(y), high variance (Schulman 2020). The per-token KL of train_ppo.py's default reward."""
+    return logp - ref_logp
+
+
+def k2_kl(logp, ref_logp):
+    """k2 = (log pi_ref(y) - log pi(y))^2 / 2, for y ~ pi: >= 0 and low variance, but biased
+    (E[k2] = KL only to second order in log pi_ref / pi) (Schulman 2020)."""
+    return 0.5 * (ref_logp - logp) ** 2
 
 
 def k3_kl(logp, ref_logp):
@@ -120,7 +135,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
         A_t     = delta_t + gamma * lam * A_{t+1}      (A = 0 after the last real token)
         returns = A + V                                (the critic's regression targets)
 
-    With gamma = lam = 1, A_t = sum_{k >= t} r_k - V_t. Padding gets advantage and return 0.
+    lam = 0: A_t = delta_t, the one-step TD error; lam = 1: A_t = sum_{k >= t} gamma^(k-t) r_k - V_t, the
+    Monte Carlo return minus the value. Padding gets advantage and return 0.
     Example: r = [0, 0, 1], V = [0.5, 0.6, 0.7], gamma 1, lam 0.9 -> deltas [0.1, 0.1, 0.3],
     A = [0.1 + 0.9 * 0.37, 0.1 + 0.9 * 0.3, 0.3] = [0.433, 0.37, 0.3].
     """
@@ -172,6 +188,10 @@ def dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0):
         loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
 
     Example: pc, rc = -8.2, -8.5; pr, rr = -9.5, -9.1; beta 0.1 -> h = 0.7, logit 0.07, loss 0.659.
+    Why: the optimum of E[r] - beta KL(pi || pi_ref) is pi* = pi_ref exp(r / beta) / Z, so
+    r = beta log pi*/pi_ref + beta log Z, and Bradley-Terry's sigmoid(r_w - r_l) is sigmoid(beta h) at pi*:
+    Z cancels. Gradient (eps = 0): -beta sigmoid(-beta h) (grad log pi(y_w) - grad log pi(y_l)); the weight
+    sigmoid(-beta h) = sigmoid(r^(y_l) - r^(y_w)), r^ = beta log pi/pi_ref, is large where r^ orders the pair wrongly.
     """
     z = beta * ((pc - rc) - (pr - rr))
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
@@ -195,6 +215,8 @@ def ipo_loss(pc, pr, rc, rr, beta=0.1):
     """IPO (Azar et al. 2023): regress h onto 1 / (2 beta) instead of pushing it to infinity:
 
         loss = (h - 1 / (2 beta))^2
+    Its minimiser h = 1 / (2 beta) is finite even when P(y_w > y_l) = 1, where DPO's loss only tends
+    to 0 as h -> infinity, i.e. pi(y_l) -> 0, whatever beta.
     Pass length-normalised log-probs (mean per token, as TRL does) or sums; train_dpo.py uses means."""
     return ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2
 
