@@ -9,6 +9,7 @@ Conventions used everywhere in nanoalign:
 """
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def lengths_to_mask(lengths, T, left=False):
@@ -47,6 +48,57 @@ def entropy_from_logits(logits, temperature=1.0):
     """Entropy of softmax(logits / temperature) per position, float32. [B, T, V] -> [B, T]."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def lm_logprobs(h, weight, targets, temperature=1.0, with_entropy=False, chunk=2048):
+    """log p(target) (and optionally the entropy) at N scored positions, computed from their hidden
+    states through the LM head without ever holding the [N, V] logits. [N, C], [V, C], [N] -> [N] float32.
+
+    Only the positions that are scored go in (gather them first: `h[mask]`), so prompt and padding
+    positions cost nothing. The logits are made `chunk` rows at a time, and each chunk runs under
+    activation checkpointing: its logits are freed after the forward and recomputed in the backward.
+    The peak is one chunk's [chunk, V] float32 logits (and their gradient) instead of the batch's; the
+    values are those of `token_logprobs(h @ weight.T, targets)`. With GPT-2's 50,257-token vocabulary
+    and chunk 2048 that is 0.4 GB at most, whatever the batch.
+    """
+    def piece(h_c, t_c):
+        logits = F.linear(h_c, weight).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = torch.logsumexp(logits, dim=-1)
+        logp = logits.gather(-1, t_c[:, None]).squeeze(-1) - lse
+        if not with_entropy:
+            return logp, logp.new_zeros(())
+        all_logp = F.log_softmax(logits, dim=-1)  # as entropy_from_logits computes it
+        return logp, -(all_logp.exp() * all_logp).sum(-1)
+
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    logps, ents = [], []
+    for i in range(0, h.shape[0], chunk):
+        args = (h[i:i + chunk], targets[i:i + chunk])
+        lp, ent = torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False) if needs_grad else piece(*args)
+        logps.append(lp)
+        ents.append(ent)
+    if not logps:  # nothing scored
+        empty = h.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if with_entropy else empty
+    logp = torch.cat(logps)
+    return (logp, torch.cat(ents)) if with_entropy else logp
+
+
+def model_logprobs(model, ids, scored, mask=None, temperature=1.0, with_entropy=False):
+    """log p(ids[:, t + 1] | ids[:, :t + 1]) under a GPT, at the positions `scored` [B, T - 1] marks (the
+    targets that are trained or scored: response tokens) and 0 elsewhere, float32. [B, T] -> [B, T - 1]
+    (and the entropies, if asked). `mask` is the padding mask for `model.body` (None: right padding or
+    none). Equals `token_logprobs(model(ids, mask)[:, :-1], ids[:, 1:], temperature) * scored`, but the LM
+    head runs at the scored positions only, in chunks (`lm_logprobs`)."""
+    h = model.body(ids, mask)[:, :-1]
+    sel = scored.bool()
+    out = torch.zeros(sel.shape, dtype=torch.float32, device=ids.device)
+    res = lm_logprobs(h[sel], model.lm_head.weight, ids[:, 1:][sel], temperature, with_entropy)
+    if not with_entropy:
+        return out.index_put((sel,), res)
+    return out.index_put((sel,), res[0]), out.index_put((sel,), res[1])
 
 
 def masked_sum(x, mask, dim=None):

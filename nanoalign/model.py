@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,8 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    lora_rank: int = 0  # > 0: low-rank adapters on the attention and MLP projections (`GPT.add_lora`)
+    lora_alpha: float = 16.0
 
 
 class KVCache:
@@ -100,6 +103,39 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class LoRALinear(nn.Linear):
+    """An nn.Linear with a low-rank update (LoRA, Hu et al. 2021):
+
+        y = x W^T + b + (alpha / r) * x A^T B^T,   A: [r, in] random, B: [out, r] zero at the start
+
+    so at initialisation the layer computes exactly what the base layer did, and only A and B train.
+    The parameter names stay those of the base layer (c_attn.weight, ...) plus lora_A and lora_B, so a
+    GPT-2 checkpoint still loads by name. `enabled = False` gives the base layer back: the frozen
+    reference policy of DPO, KTO, PPO and GRPO is the same network with its adapters off."""
+
+    @classmethod
+    def adapt(cls, linear, rank, alpha):
+        linear.__class__ = cls
+        linear.rank, linear.scale, linear.enabled = rank, alpha / rank, True
+        linear.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device))
+        nn.init.kaiming_uniform_(linear.lora_A, a=math.sqrt(5))  # as nn.Linear's own init, and PEFT's
+        linear.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device))
+        return linear
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.enabled:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into the weight, W <- W + (alpha / r) B A, and become a plain nn.Linear."""
+        self.weight += (self.lora_B @ self.lora_A).to(self.weight.dtype) * self.scale
+        del self.lora_A, self.lora_B
+        self.__class__ = nn.Linear
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -142,6 +178,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.lora_rank:  # a checkpoint saved with adapters: the same modules, before its state loads
+            self.add_lora(config.lora_rank, config.lora_alpha)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -175,6 +213,42 @@ class GPT(nn.Module):
     def forward(self, idx, mask=None, cache=None):
         """Logits [B, T, vocab_size]."""
         return self.lm_head(self.body(idx, mask, cache))
+
+    # ---------------------------------------------------------------- LoRA
+
+    def lora_layers(self):
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def add_lora(self, rank, alpha):
+        """Adapters on every block's attention (c_attn, c_proj) and MLP (c_fc, c_proj) projections; every
+        other parameter is frozen. The model's output is unchanged until the adapters train."""
+        for block in self.transformer.h:
+            for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                LoRALinear.adapt(linear, rank, alpha)
+        for name, p in self.named_parameters():
+            p.requires_grad_(".lora_" in name)
+        self.config.lora_rank, self.config.lora_alpha = rank, alpha
+        return self
+
+    def merge_lora(self):
+        """Fold every adapter into its weight: a plain GPT again, every parameter trainable."""
+        for m in self.lora_layers():
+            m.merge()
+        self.requires_grad_(True)
+        self.config.lora_rank = 0
+        return self
+
+    @contextmanager
+    def adapters_off(self):
+        """`with policy.adapters_off():` the base network, i.e. the reference policy, with no second copy."""
+        layers = self.lora_layers()
+        for m in layers:
+            m.enabled = False
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.enabled = True
 
     # ---------------------------------------------------------------- optimizer
 

@@ -249,3 +249,62 @@ def test_last_index_float_values():
     v = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
     m = torch.tensor([[1, 1, 0], [0, 1, 1]])
     close(core.gather_last(v, m), [0.2, 0.6], tol=1e-6)
+
+
+# ------------------------------------------------------------------------------ memory-lean log-probs
+
+@pytest.mark.parametrize("temperature, chunk", [(1.0, 7), (0.7, 64), (1.3, 1000)])
+def test_lm_logprobs_equal_the_full_logits_values_and_gradients(temperature, chunk):
+    """Scored positions only, chunked, recomputed in the backward: the same log-probs (bit for bit here),
+    entropies and gradients (to float32 rounding of the chunked weight-gradient sums) as the full logits."""
+    torch.manual_seed(0)
+    N, C, V = 50, 16, 300
+    h = torch.randn(N, C, requires_grad=True)
+    w = (0.5 * torch.randn(V, C)).requires_grad_()
+    t = torch.randint(V, (N,))
+    logits = h @ w.t()
+    full, full_ent = core.token_logprobs(logits, t, temperature), core.entropy_from_logits(logits, temperature)
+    ours, ent = core.lm_logprobs(h, w, t, temperature, with_entropy=True, chunk=chunk)
+    assert torch.allclose(ours, full, atol=1e-6, rtol=0) and torch.allclose(ent, full_ent, atol=1e-6, rtol=0)
+    gw = torch.randn(N)  # any upstream gradient, on both outputs
+    g_full = torch.autograd.grad((full * gw).sum() + full_ent.sum(), (h, w))
+    g_ours = torch.autograd.grad((ours * gw).sum() + ent.sum(), (h, w))
+    for a, b in zip(g_full, g_ours):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+
+
+def test_lm_logprobs_never_keeps_the_logits_for_the_backward():
+    """What autograd saves for the backward is the chunk inputs, never a [chunk, V] logits tensor."""
+    torch.manual_seed(0)
+    N, C, V, chunk = 64, 8, 1000, 16
+    h, w = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    t = torch.randint(V, (N,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        out = core.lm_logprobs(h, w, t, chunk=chunk)
+    assert max(saved) < chunk * V  # the full-logits path saves [N, V] (64,000 here)
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        core.token_logprobs(h @ w.t(), t)
+    assert max(saved) >= N * V  # the check can fail: the plain path does keep them
+    out.sum().backward()
+    assert h.grad is not None and w.grad is not None
+
+
+def test_lm_logprobs_of_nothing():
+    h, w = torch.randn(0, 4), torch.randn(10, 4)
+    assert core.lm_logprobs(h, w, torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
+def test_model_logprobs_scores_only_the_marked_positions_under_any_padding():
+    """The same numbers as the full-logits path at the scored positions, 0 elsewhere; gradients agree."""
+    from nanoalign.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    ids, mask = core.pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], 0, left=True)
+    scored = mask[:, 1:] & torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    full = core.token_logprobs(model(ids, mask)[:, :-1], ids[:, 1:]) * scored
+    ours, ent = core.model_logprobs(model, ids, scored, mask, with_entropy=True)
+    assert torch.allclose(ours, full, atol=1e-6, rtol=0) and (ours[~scored] == 0).all() and (ent[~scored] == 0).all()
+    g_full = torch.autograd.grad(full.sum(), model.transformer.wte.weight)[0]
+    g_ours = torch.autograd.grad(ours.sum(), model.transformer.wte.weight)[0]
+    assert torch.allclose(g_full, g_ours, atol=1e-5, rtol=0)
