@@ -18,7 +18,7 @@ import torch
 
 from nanoalign import task
 from nanoalign.rewards import best_of_n, implicit_rewards, outcome_scores, process_score, step_scores
-from nanoalign.utils import configure, load_checkpoint, setup_device
+from nanoalign.utils import CheckpointError, check_tokenizers, configure, load_checkpoint, setup_device
 
 # ---- config (override with --key=value or a config file; --help lists them)
 policy = "out/sft/ckpt.pt"  # the policy that samples the candidates
@@ -37,7 +37,7 @@ device, _, _ = setup_device(device, "float32")
 Ns = [int(n) for n in ns.split(",")]
 N = max(Ns)
 
-model, tok, _ = load_checkpoint(policy, device)
+model, tok, _ = load_checkpoint(policy, device, expect="gpt", what="--policy")
 prompts = task.prompts(n_prompts, seed, split="test")
 flat = [p for p in prompts for _ in range(N)]  # prompt i's candidates are rows i*N .. i*N + N-1
 samples = task.sample_responses(model, tok, flat, temperature=temperature,
@@ -48,18 +48,34 @@ passed = torch.tensor([task.verify(p, t) if e else 0.0 for p, t, e in zip(flat, 
 messages = [[{"role": "user", "content": p}] for p in flat]
 
 judges = {}
+
+
+def load_judge(path, rm_kind, what):
+    """A reward model of `rm_kind` ("outcome" or "process") that reads the policy's token ids."""
+    rm, rm_tok, ckpt = load_checkpoint(path, device, expect="scalar", what=what)
+    check_tokenizers(tok, rm_tok, f"--policy={policy}", f"{what} {path}")
+    if ckpt.get("rm_kind", "outcome") != rm_kind:
+        raise CheckpointError(f"{what} {path} holds a reward model of kind {ckpt.get('rm_kind', 'outcome')!r}; "
+                              f"{what} takes {rm_kind!r} ones")
+    return rm.eval()
+
+
 rm_paths = [r for r in rms.split(",") if r]
-rm_scores = [outcome_scores(load_checkpoint(r, device)[0].eval(), tok, messages, texts) for r in rm_paths]
+rm_scores = [outcome_scores(load_judge(r, "outcome", "--rms"), tok, messages, texts) for r in rm_paths]
 if rm_scores:
     judges["outcome"] = rm_scores[0]
 if len(rm_scores) > 1:
     judges[f"ensemble-min (k={len(rm_scores)})"] = torch.stack(rm_scores).min(0).values
+if prm == "out/prm/ckpt.pt" and not os.path.exists(prm):  # the default, not trained: leave that judge out
+    print(f"no {prm} (python train_rm.py --kind=process --out_dir=out/prm --max_steps=1500): no process judge")
+    prm = ""
 if prm:
-    probs = step_scores(load_checkpoint(prm, device)[0].eval(), tok, messages, texts)
+    probs = step_scores(load_judge(prm, "process", "--prm"), tok, messages, texts)
     judges["process"] = torch.tensor([process_score(s) for s in probs])
 if dpo:
-    dpo_policy, _, dpo_ckpt = load_checkpoint(dpo, device)
-    dpo_ref = load_checkpoint(dpo_ckpt["config"]["init_from"], device)[0]
+    dpo_policy, dpo_tok, dpo_ckpt = load_checkpoint(dpo, device, expect="gpt", what="--dpo")
+    check_tokenizers(tok, dpo_tok, f"--policy={policy}", f"--dpo={dpo}")
+    dpo_ref = load_checkpoint(dpo_ckpt["config"]["init_from"], device, expect="gpt", what="--dpo's init_from")[0]
     judges["dpo implicit"] = implicit_rewards(dpo_policy.eval(), dpo_ref.eval(), tok, messages, texts)
 judges["gold (ceiling)"] = gold
 

@@ -29,7 +29,8 @@ Implementation details:
    takes the same number of optimizer steps; the learning-rate schedule and the optimizer state run
    on across rounds. At the start of a round:
    - online: sample k_samples responses per prompt from the current policy (KV-cache sampler,
-     temperature 1); the judge scores them (the gold scorer, the verifier, or a reward model from
+     temperature 1); the judge scores them (the gold scorer, the verifier, the policy itself with
+     feedback.py's pointwise prompt (--judge=self: self-rewarding, Yuan et al. 2024), or a reward model from
      train_rm.py: outcome reward at the EOS, or a process RM's weakest step); the best and the worst
      of each prompt become a pair. An unfinished response (no EOS) ranks below every finished one;
      a prompt whose best and worst tie carries no preference and is skipped (counted: round/tied_frac).
@@ -41,6 +42,10 @@ Implementation details:
    as it starts the round, as in iterative DPO and SPIN: each round's DPO is anchored where the
    round began, and the first step of every round has implicit rewards 0. "fixed" is always the SFT
    model. Either way its log-probs for the round's pairs are precomputed (or it is kept live, --ref).
+7. Checkpoints every ckpt_interval steps and at the end; `--resume=True` continues exactly from
+   <out_dir>/ckpt.pt, inside a round too (the checkpoint keeps the round's pairs and reference; pin the
+   schedule with lr_decay_steps to extend an offline run). A NaN or inf loss or gradient norm stops the
+   run naming the step; no checkpoint with NaN is written.
 
 Logged metrics (metrics.jsonl), with the usual names:
   loss                         the loss of the step (mean over pairs)
@@ -56,6 +61,8 @@ Logged metrics (metrics.jsonl), with the usual names:
   round, round/pairs           (online, SPIN; one line per round) the round (1-based) and its fresh pairs
   round/tied_frac              fraction of the round's prompts skipped because best and worst tied
   round/judge_mean             mean judge score of the round's finished samples (online)
+  round/judge_gold_acc         fraction of the round's pairs (best vs worst by the judge) that gold orders the
+                               same way, of those whose gold differs (online, built-in task)
   round/gold_mean              mean gold score of the round's samples, unfinished ones 0 (built-in task)
   round/eos_frac               fraction of the round's samples that ended with EOS
   round/ref_update             "round" or "fixed", as in detail 6
@@ -69,11 +76,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import data, losses, task
+from nanoalign import data, feedback, losses, task
 from nanoalign.rewards import (implicit_rewards, logratios, outcome_scores, pair_accuracy, process_score,
                                response_logprobs, response_tokens, step_scores)
-from nanoalign.utils import (JsonlLogger, configure, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint,
-                             setup_device, step_generator, write_json)
+from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint,
+                             restore_state, resume_checkpoint, resume_state, setup_device, step_generator, write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/dpo"  # checkpoint, metrics.jsonl and summary.json go here
@@ -81,6 +88,8 @@ loss = "dpo"  # dpo, cdpo, robust, hinge, ipo, simpo, orpo, kto, rpo
 init_from = "out/sft/ckpt.pt"  # the policy to start from, and the reference
 data_path = "builtin"  # "builtin", or a preference file (or an unpaired file for kto); online/spin: its prompts
 n_train = 20000  # builtin: training pairs (or unpaired examples for kto)
+on_error = "raise"  # malformed records: "raise" (error naming file:line) or "skip" (counted, reported)
+truncate = "skip"  # sequences longer than block_size: "skip" (counted), "raise", or "left" (cut the prompt's start)
 beta = 0.5  # the loss's temperature (DPO family), or SimPO's scale
 label_smoothing = 0.1  # cdpo and robust: the assumed label-flip rate
 gamma = 1.0  # simpo: target margin
@@ -94,7 +103,8 @@ spin = False  # SPIN: each round, chosen = the SFT demonstration, rejected = the
 rounds = 5  # online/spin: rounds of max_steps // rounds steps, each on fresh pairs
 k_samples = 4  # online: responses sampled per prompt
 prompts_per_round = 1024  # online/spin: prompts per round (builtin: new train prompts; a file: the next ones)
-judge = "gold"  # online: "gold" or "verify" (built-in task only), or a reward-model checkpoint from train_rm.py
+judge = "gold"  # online: "gold" or "verify" (built-in task only), "self" (self-rewarding), or a reward-model checkpoint from train_rm.py
+self_judgements = 3  # judge=self: sampled 0-5 scores averaged per response (feedback.pointwise_scores)
 ref_update = "round"  # online/spin: reference = the policy at the round's start ("round") or the SFT ("fixed")
 max_new_tokens = 48  # online/spin: the longest sampled response, in tokens
 batch_size = 32  # pairs (or unpaired examples) per step
@@ -102,11 +112,14 @@ max_steps = 300  # optimizer steps
 lr = 1e-4  # peak learning rate
 min_lr = 1e-5  # learning rate at the end of the cosine decay
 warmup_steps = 20  # linear warmup steps
+lr_decay_steps = 0  # steps of the cosine schedule (0: max_steps)
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_interval = 100  # steps between evaluations
 n_eval = 512  # held-out prompts for win rate, KL and length (built-in task)
 n_eval_pairs = 1000  # held-out pairs (built-in task) on which the final implicit reward's ranking is measured
 log_interval = 10  # steps between metrics.jsonl lines
+ckpt_interval = 100  # steps between checkpoints (one is always written at the end)
+resume = False  # continue from <out_dir>/ckpt.pt if it exists (+ online/spin: the round, its pairs and reference)
 seed = 1337  # seeds data and sampling
 device = "auto"  # "auto", "cpu", "cuda", ...
 dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
@@ -125,14 +138,23 @@ if ref_update not in ("round", "fixed"):
 if online and judge in ("gold", "verify") and data_path != "builtin":
     raise SystemExit(f"judge={judge!r} exists only for the built-in task; with a data file, pass a reward-model "
                      f"checkpoint from train_rm.py (--judge=out/rm/ckpt.pt)")
-if online and judge not in ("gold", "verify") and not os.path.isfile(judge):
-    raise SystemExit(f"judge must be 'gold', 'verify' or a reward-model checkpoint; {judge!r} is no file")
+if online and judge not in ("gold", "verify", "self") and not os.path.isfile(judge):
+    raise SystemExit(f"judge must be 'gold', 'verify', 'self' or a reward-model checkpoint; {judge!r} is no file")
 REFERENCE_FREE = loss in ("simpo", "orpo")
 n_rounds = max(1, min(rounds, max_steps)) if ONLINE else 1
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 device, autocast, scaler = setup_device(device, dtype)
-policy, tok, _ = load_checkpoint(init_from, device)
+
+# parsed before the model is loaded, so a bad file fails at once (no torch RNG is used here)
+kind = "unpaired" if loss == "kto" else "preference"
+if data_path != "builtin":  # offline: the data set; online and SPIN: its prompts (and chosen responses)
+    records = data.load(data_path, kind, on_error)[0]
+elif not ONLINE:
+    make = task.unpaired_records if loss == "kto" else task.preference_records
+    records = data.normalise(make(n_train, seed), kind, "builtin-train")
+
+policy, tok, _ = load_checkpoint(init_from, device, expect="gpt", what="--init_from")
 optimizer = policy.configure_optimizer(0.0, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
 T = policy.config.block_size
 
@@ -141,28 +163,23 @@ T = policy.config.block_size
 # example and a mismatched completion). Offline they are the data set; online and SPIN, the round's pairs.
 seqs, labels = [], None
 if not ONLINE:
-    kind = "unpaired" if loss == "kto" else "preference"
-    if data_path == "builtin":
-        make = task.unpaired_records if loss == "kto" else task.preference_records
-        records = data.normalise(make(n_train, seed), kind, "builtin-train")
-    else:
-        records, _ = data.load(data_path, kind)
-    if loss == "kto":  # (prompt + completion, label, prompt + a mismatched completion for z0)
-        partner = list(range(len(records)))
+    partner = list(range(len(records)))  # kto: example i's mismatched completion, for z0
+    if loss == "kto":
         random.Random(seed).shuffle(partner)
-        examples = [(response_tokens(tok, r["prompt"], r["completion"]),
-                     r["label"], response_tokens(tok, r["prompt"], records[j]["completion"]))
-                    for r, j in zip(records, partner)]
-        seqs = [[e[0], e[2]] for e in examples]
-    else:  # (prompt + chosen, prompt + rejected)
-        seqs = [[response_tokens(tok, r["prompt"], r["chosen"]), response_tokens(tok, r["prompt"], r["rejected"])]
-                for r in records]
-    keep = [i for i, s in enumerate(seqs) if all(len(x[0]) <= T for x in s)]
-    if len(keep) < len(seqs):
-        print(f"skipped {len(seqs) - len(keep)} examples longer than the context ({T} tokens)")
-    seqs = [seqs[i] for i in keep]
-    labels = torch.tensor([examples[i][1] for i in keep]) if loss == "kto" else None
-    print(f"{loss}: {len(seqs)} training {'examples' if loss == 'kto' else 'pairs'} from {data_path}")
+    skips, kept = data.Skips("skip"), []
+    for r, j in zip(records, partner):  # both sequences must fit the context (skips count examples)
+        pair = [response_tokens(tok, r["prompt"], r["completion"]),
+                response_tokens(tok, r["prompt"], records[j]["completion"])] if loss == "kto" else \
+            [response_tokens(tok, r["prompt"], r["chosen"]), response_tokens(tok, r["prompt"], r["rejected"])]
+        pair = data.fit_all(pair, T, truncate, r.where, skips)
+        if pair:
+            seqs.append(pair)
+            kept.append(r)
+    what = "examples" if loss == "kto" else "pairs"
+    skips.report(f"{data_path} {what}")
+    data.require(seqs, f"{data_path} ({what})", len(records), skips)
+    labels = torch.tensor([r["label"] for r in kept]) if loss == "kto" else None
+    print(f"{loss}: {len(seqs)} training {what} from {data_path}")
 else:  # a pool of (prompt messages, prompt text for the task's scorers, demonstration for SPIN)
     n_pool = prompts_per_round * n_rounds
     if data_path == "builtin":
@@ -170,7 +187,7 @@ else:  # a pool of (prompt messages, prompt text for the task's scorers, demonst
                 for r in task.sft_records(n_pool, seed)] if spin else \
             [([{"role": "user", "content": p}], p, None) for p in task.prompts(n_pool, seed, split="train")]
     else:  # the file's distinct prompts, in order (SPIN: with the first chosen response of each)
-        records, seen, pool = data.load(data_path, "preference")[0], set(), []
+        seen, pool = set(), []
         for r in records:
             key = json.dumps(r["prompt"])
             if key not in seen:
@@ -180,9 +197,10 @@ else:  # a pool of (prompt messages, prompt text for the task's scorers, demonst
             and (not spin or len(response_tokens(tok, x[0], x[2])[0]) <= T)]
     if len(fits) < len(pool):
         print(f"skipped {len(pool) - len(fits)} prompts too long for the context ({T} tokens)")
+    if not fits:
+        raise SystemExit(f"{data_path}: no usable prompts ({len(pool)} read, {len(pool)} skipped: too long to "
+                         f"sample {max_new_tokens} tokens in block_size {T})")
     pool = fits
-    if not pool:
-        raise SystemExit(f"no usable prompt in {data_path}")
     what = f"best vs worst of {k_samples} samples judged by {judge}" if online else "demonstration vs own sample"
     print(f"{'online' if online else 'spin'} {loss}: {n_rounds} rounds of {prompts_per_round} prompts from "
           f"{data_path}, {what}, reference: {'the round start' if ref_update == 'round' else 'SFT'}")
@@ -217,20 +235,25 @@ def best_vs_worst(scores):
 
 
 judge_model, judge_kind = None, None
-if online and judge not in ("gold", "verify"):  # RLAIF: a reward model ranks the samples
-    judge_model, _, judge_ckpt = load_checkpoint(judge, device)
-    if judge_ckpt.get("kind") != "scalar":
-        raise SystemExit(f"{judge} is not a reward-model checkpoint (train_rm.py writes those)")
+if online and judge not in ("gold", "verify", "self"):  # RLAIF: a reward model ranks the samples
+    judge_model, judge_tok, judge_ckpt = load_checkpoint(judge, device, expect="scalar", what="--judge")
+    check_tokenizers(tok, judge_tok, f"--init_from={init_from}", f"--judge={judge}")
     judge_model.eval().requires_grad_(False)
     judge_kind = judge_ckpt.get("rm_kind", "outcome")
 
 
-def judge_scores(msgs, prompt_texts, texts):
-    """The judge's score of each (prompt, response): gold, verify, an outcome RM's reward or a process
+def judge_scores(msgs, prompt_texts, texts, r=0):
+    """The judge's score of each (prompt, response): gold, verify, the policy's own judgement (self-rewarding,
+    Yuan et al. 2024: the mean of self_judgements sampled scores on feedback.py's 0-5 prompt, 0 where none
+    parses; round r seeds the sampling), an outcome RM's reward or a process
     RM's weakest step."""
     if judge in ("gold", "verify"):
         f = task.gold if judge == "gold" else task.verify
         return [f(p, t) for p, t in zip(prompt_texts, texts)]
+    if judge == "self":
+        g = torch.Generator(device=device).manual_seed(seed * 1000 + 500 + r)
+        scores = feedback.pointwise_scores(policy, tok, [m[-1]["content"] for m in msgs], texts, self_judgements, generator=g)
+        return [0.0 if x is None else x for x in scores]
     if judge_kind == "process":
         return [process_score(s) for s in step_scores(judge_model, tok, msgs, texts)]
     return outcome_scores(judge_model, tok, msgs, texts).tolist()
@@ -255,12 +278,17 @@ def make_pairs(r):
             else:
                 new.append([response_tokens(tok, msgs, demo), seq])
     else:
-        scores = judge_scores([c[0] for c in rows], [c[1] for c in rows], texts)
+        scores = judge_scores([c[0] for c in rows], [c[1] for c in rows], texts, r)
         finished = [s for s, e in zip(scores, ended) if e]
         stats["round/judge_mean"] = sum(finished) / len(finished) if finished else 0.0
         ranked = [s if e else float("-inf") for s, e in zip(scores, ended)]  # unfinished: below everything
         pairs, tied = best_vs_worst([ranked[i * k:(i + 1) * k] for i in range(len(chunk))])
         new = [[samples[i * k + b][3], samples[i * k + w][3]] for i, b, w in pairs]
+        if data_path == "builtin":  # how often the judge's best-vs-worst order is gold's (pairs whose gold differs)
+            g = [(task.gold(chunk[i][1], texts[i * k + b]), task.gold(chunk[i][1], texts[i * k + w]) if ended[i * k + w]
+                  else 0.0) for i, b, w in pairs]
+            hits = [x > y for x, y in g if x != y]
+            stats["round/judge_gold_acc"] = sum(hits) / len(hits) if hits else float("nan")
     stats.update({"round/pairs": len(new), "round/tied_frac": tied / len(chunk)})
     return new, stats
 
@@ -291,6 +319,27 @@ def set_reference(model):
             chunks.append(torch.stack(seq_logps(model, flat(idx))).view(2, 2, -1).permute(2, 0, 1).cpu())
     ref_table = torch.cat(chunks)  # [N, (sum, mean), (first, second)]
     ref_model = None
+
+
+def round_state():
+    """What a run resumed inside the current round needs of it, beyond the policy: its pairs (online, SPIN;
+    offline they are the data set, rebuilt) and its reference: the precomputed log-probs, or a live copy of
+    the policy at the round's start (a live SFT reference is simply loaded again)."""
+    own_ref = ref_model is not None and ONLINE and ref_update == "round"
+    return {"round_seqs": seqs if ONLINE else None, "ref_table": ref_table,
+            "ref_model": ref_model.state_dict() if own_ref else None}
+
+
+def restore_round(ckpt):
+    """The inverse of round_state(), from a checkpoint written inside the round."""
+    global seqs, ref_model, ref_table
+    seqs = ckpt["round_seqs"] if ONLINE else seqs
+    ref_table = None if ckpt["ref_table"] is None else ckpt["ref_table"].cpu()
+    if ckpt["ref_model"] is not None:
+        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+        ref_model.load_state_dict(ckpt["ref_model"])
+    elif ref == "live" and not REFERENCE_FREE:
+        ref_model = round_reference()  # the SFT model
 
 
 def reference_logps(idx):
@@ -356,14 +405,35 @@ def evaluate():
 
 
 # -------------------------------------------------------------------------- training loop
-logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt = resume_checkpoint(ckpt_path, resume, device)
+logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"), append=ckpt is not None)
 start = {"eval/gold": sum(sft_gold) / len(sft_gold), "eval/length": sum(s[2] for s in sft_samples) / len(sft_samples)}
 print(f"start: held-out gold {start['eval/gold']:.3f}, length {start['eval/length']:.1f}")
 t0, metrics, round_log, steps_done, evaluated_at = time.time(), {}, [], 0, None
+at = 0  # the schedule's step the run is at (steps_done, plus the steps of rounds that had no pairs)
+if ckpt:  # the SFT samples above came from init_from; from here on the policy is the checkpoint's
+    restore_state(ckpt, model=policy, optimizer=optimizer, scaler=scaler, logger=logger)
+    at, steps_done, metrics, evaluated_at, round_log = (ckpt[k] for k in ("at_step", "step", "last_eval",
+                                                                          "evaluated_at", "round_log"))
+    print(f"resumed from {ckpt_path} at step {at}")
+
+
+def save(done):
+    save_checkpoint(ckpt_path, policy, tok, step=steps_done, config=config, at_step=done, last_eval=metrics,
+                    evaluated_at=evaluated_at, round_log=round_log, **round_state(),
+                    **resume_state(optimizer=optimizer, scaler=scaler, logger=logger))
+
+
 bounds = [max_steps * r // n_rounds for r in range(n_rounds + 1)]  # round r trains steps bounds[r] .. bounds[r+1]-1
-bar = tqdm(total=max_steps, desc=loss if not ONLINE else f"{'online' if online else 'spin'} {loss}")
+bar = tqdm(total=max_steps, initial=at, desc=loss if not ONLINE else f"{'online' if online else 'spin'} {loss}")
 for r in range(n_rounds):
-    if ONLINE:  # fresh pairs from the policy as it is now
+    if bounds[r + 1] <= at:  # trained before the checkpoint
+        continue
+    inside = bounds[r] < at  # resumed inside this round: its pairs and reference as the checkpoint has them
+    if inside:
+        restore_round(ckpt)
+    elif ONLINE:  # fresh pairs from the policy as it is now
         seqs, stats = make_pairs(r)
         round_log.append(stats)
         logger.log(step=bounds[r], **stats)
@@ -373,16 +443,16 @@ for r in range(n_rounds):
             bar.write(f"round {r + 1}: no pairs (every prompt tied); its {bounds[r + 1] - bounds[r]} steps are skipped")
             bar.update(bounds[r + 1] - bounds[r])
             continue
-    if not REFERENCE_FREE:
+    if not REFERENCE_FREE and not inside:
         set_reference(round_reference())
     policy.train()
-    for step in range(bounds[r], bounds[r + 1]):
+    for step in range(max(bounds[r], at), bounds[r + 1]):
         idx = torch.randint(len(seqs), (batch_size,), generator=step_generator(seed, step)).tolist()
         for g in optimizer.param_groups:
-            g["lr"] = cosine_lr(step, lr, warmup_steps, max_steps, min_lr)
+            g["lr"] = cosine_lr(step, lr, warmup_steps, lr_decay_steps or max_steps, min_lr)
         loss_value, stats = compute_loss(idx)
         scaler.scale(loss_value).backward()
-        grad_norm = optimizer_step(policy, optimizer, scaler, grad_clip)
+        grad_norm = optimizer_step(policy, optimizer, scaler, grad_clip, loss_value.item(), f"step {step + 1}")
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value.item():.3f}")
         done, steps_done = step + 1, steps_done + 1
@@ -395,6 +465,8 @@ for r in range(n_rounds):
             policy.train()
             logger.log(step=done, **metrics)
             bar.write(f"step {done} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if done % ckpt_interval == 0 and done < max_steps:  # the last one is written after the evaluation below
+            save(done)
 bar.close()
 if evaluated_at != max_steps:  # the last round(s) had no pairs
     policy.eval()
@@ -412,8 +484,7 @@ if data_path == "builtin":  # the policy as a reward model, on the pairs train_r
     print(f"implicit reward on {len(held_out)} held-out pairs: accuracy vs labels {metrics['pairs/acc_labels']:.3f}, "
           f"vs gold {metrics['pairs/acc_gold']:.3f}")
 
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-save_checkpoint(ckpt_path, policy, tok, step=steps_done, config=config)
+save(max_steps)
 summary = {"loss": loss, "mode": "online" if online else "spin" if spin else "offline", "steps": steps_done,
            "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path, "n_eval_prompts": n_eval,
            "start": start, "final": metrics}

@@ -27,6 +27,9 @@ Implementation details:
    the batch (DAPO), or a constant normaliser batch x max_new_tokens (Dr. GRPO).
 7. Groups whose rewards are all equal have zero advantage: counted, and with dynamic_sampling=True
    dropped from the update (DAPO; we drop, we do not resample to refill the batch).
+8. Checkpoints every ckpt_interval steps and at the end; `--resume=True` continues exactly from
+   <out_dir>/ckpt.pt (with the sampling generator and the prompt RNG). A NaN or inf loss or gradient
+   norm stops the run naming the step; no checkpoint with NaN is written.
 
 Logged metrics (metrics.jsonl):
   reward, reward_std          mean and std of the rollouts' total reward
@@ -51,13 +54,16 @@ from nanoalign.core import entropy_from_logits, pad, token_logprobs
 from nanoalign.losses import aggregate, clipped_surrogate, group_advantages, k3_kl
 from nanoalign.rewards import answer_reward, pass_at_k
 from nanoalign.sampling import generate
-from nanoalign.utils import JsonlLogger, configure, load_checkpoint, optimizer_step, save_checkpoint, setup_device, write_json
+from nanoalign.utils import (JsonlLogger, configure, load_checkpoint, optimizer_step, restore_state, resume_checkpoint,
+                             resume_state, save_checkpoint, setup_device, write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/grpo"  # checkpoint, metrics.jsonl and summary.json go here
 init_from = "out/sft/ckpt.pt"  # the policy to start from (a nanoalign checkpoint)
 data_path = "builtin"  # "builtin" (the offline task) or a problem file (GSM8K question/answer JSONL)
-rewards = "verify:1.0"  # name:weight,...; builtin: verify, format; file data: answer
+on_error = "raise"  # malformed records: "raise" (error naming file:line) or "skip" (counted, reported)
+truncate = "skip"  # prompts that leave no room for max_new_tokens: "skip" (counted) or "raise" (never cut)
+rewards = "verify:1.0"  # name:weight,...; verify (builtin: the task's checker; a file: its answer checker, alias answer), format (builtin)
 prompts_per_step = 16  # P: prompts per step
 group_size = 8  # G: responses sampled per prompt
 max_steps = 120  # rollout steps
@@ -80,6 +86,8 @@ eval_interval = 40  # steps between held-out evaluations
 n_eval = 256  # held-out prompts per evaluation
 eval_k = 4  # samples per held-out prompt (pass@1 is their mean; pass@k the unbiased estimate)
 log_interval = 1  # steps between metrics.jsonl lines
+ckpt_interval = 40  # steps between checkpoints (one is always written at the end)
+resume = False  # continue from <out_dir>/ckpt.pt if it exists (policy, optimizer, step, sampling and prompt RNGs)
 seed = 1337  # seeds prompts and sampling
 device = "auto"  # "auto", "cpu", "cuda", ...
 dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
@@ -90,25 +98,57 @@ torch.manual_seed(seed)
 device, autocast, scaler = setup_device(device, dtype)
 gen = torch.Generator(device=device).manual_seed(seed)
 
+# -------------------------------------------------------------------------- data: records
+# parsed before the model is loaded, so a bad file fails at once (no torch RNG is used here)
+if truncate not in ("skip", "raise"):  # cutting the start of a problem would change the problem
+    raise SystemExit(f"truncate must be 'skip' or 'raise' for GRPO prompts, not {truncate!r}")
+problems = data.load(data_path, "problem", on_error)[0] if data_path != "builtin" else None
+
 # -------------------------------------------------------------------------- models
-policy, tok, _ = load_checkpoint(init_from, device)
+policy, tok, _ = load_checkpoint(init_from, device, expect="gpt", what="--init_from")
 ref = load_checkpoint(init_from, device)[0].eval().requires_grad_(False) if beta > 0 else None
 optimizer = policy.configure_optimizer(weight_decay, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
 
 # -------------------------------------------------------------------------- prompts and rewards
+T, skips = policy.config.block_size, data.Skips("skip")
+
+
+def leaves_room(text, where):
+    """Whether a prompt leaves room for a max_new_tokens response in the context; a prompt is never cut."""
+    n = len(tok.render_prompt([{"role": "user", "content": text}]))
+    if n + max_new_tokens <= T:
+        return True
+    if truncate == "raise":
+        raise data.DataError(f"{where}: prompt of {n} tokens leaves no room for max_new_tokens={max_new_tokens} "
+                             f"in block_size {T}")
+    skips.counts["prompt too long"] += 1
+    return False
+
+
 if data_path == "builtin":
     reward_fns = {"verify": task.verify, "format": task.format_ok}
     pass_fn = task.verify  # what "pass" means in evaluation
-    train_prompts = task.prompts(20000, seed, split="train")
-    eval_prompts = task.prompts(n_eval, seed, split="test")
+    train_prompts = [p for i, p in enumerate(task.prompts(20000, seed, split="train"))
+                     if leaves_room(p, f"builtin-train[{i}]")]
+    eval_prompts = [p for i, p in enumerate(task.prompts(n_eval, seed, split="test"))
+                    if leaves_room(p, f"builtin-test[{i}]")]
+    skips.report(data_path)
+    data.require(eval_prompts, "builtin (held-out prompts)", n_eval, skips)
+    data.require(train_prompts, "builtin (train prompts)", 20000, skips)
 else:
-    problems, _ = data.load(data_path, "problem")
+    n_read, problems = len(problems), [p for p in problems if leaves_room(p["prompt"][-1]["content"], p.where)]
+    skips.report(data_path)
+    data.require(problems, data_path, n_read, skips)
     answers = {p["prompt"][-1]["content"]: p["answer"] for p in problems}
-    reward_fns = {"answer": answer_reward(answers)}
-    pass_fn = reward_fns["answer"]
+    reward_fns = {"verify": answer_reward(answers)}  # the data's verifier: the default reward works for files too
+    reward_fns["answer"] = reward_fns["verify"]  # its older name
+    pass_fn = reward_fns["verify"]
     texts = list(answers)
     random.Random(seed).shuffle(texts)
     eval_prompts, train_prompts = texts[:n_eval], texts[n_eval:]
+    if not train_prompts:
+        raise SystemExit(f"{data_path}: all {len(texts)} distinct problems are held out for evaluation "
+                         f"(n_eval={n_eval}), none is left to train on: pass a smaller --n_eval")
 weights = {}
 for item in rewards.split(","):
     name, _, w = item.partition(":")
@@ -147,12 +187,27 @@ def evaluate():
 
 
 # -------------------------------------------------------------------------- training loop
-logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
-start = evaluate()
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt = resume_checkpoint(ckpt_path, resume, device)
+logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"), append=ckpt is not None)
+rng = random.Random(seed)  # picks each step's prompts
+start_step, start = 0, None
+if ckpt:  # the policy, its optimizer, both RNGs and the log as they were; the start scores were saved with them
+    restore_state(ckpt, model=policy, optimizer=optimizer, scaler=scaler, gen=gen, prompt_rng=rng, logger=logger)
+    start_step, start, metrics = ckpt["step"], ckpt["start"], ckpt["last_eval"]
+    print(f"resumed from {ckpt_path} at step {start_step}")
+else:
+    start = metrics = evaluate()
 print("start: " + " ".join(f"{k} {v:.3f}" for k, v in start.items()))
-t0, metrics = time.time(), start
-rng = random.Random(seed)
-bar = tqdm(range(max_steps), desc="grpo")
+t0 = time.time()
+
+
+def save(step):
+    save_checkpoint(ckpt_path, policy, tok, step=step, config=config, start=start, last_eval=metrics,
+                    **resume_state(optimizer=optimizer, scaler=scaler, gen=gen, prompt_rng=rng, logger=logger))
+
+
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="grpo")
 for step in bar:
     # 1) rollouts: P prompts x G samples, with the current policy (= the old policy of this step)
     policy.eval()
@@ -193,7 +248,7 @@ for step in bar:
                 stats["kl"] += aggregate(kl.detach(), resp_mask[mb], "token_mean").item()
             loss = aggregate(token_loss, resp_mask[mb], agg, max_new_tokens)
             scaler.scale(loss).backward()
-            stats["grad_norm"] += optimizer_step(policy, optimizer, scaler, grad_clip)
+            stats["grad_norm"] += optimizer_step(policy, optimizer, scaler, grad_clip, loss.item(), f"step {step + 1}")
             stats["loss"] += loss.item()
             stats["clip_low"] += aggregate(low.float(), resp_mask[mb], "token_mean").item()
             stats["clip_high"] += aggregate(high.float(), resp_mask[mb], "token_mean").item()
@@ -212,9 +267,10 @@ for step in bar:
         metrics = evaluate()
         logger.log(step=done, **metrics)
         bar.write(f"step {done} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if done % ckpt_interval == 0 and done < max_steps:
+        save(done)
 
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-save_checkpoint(ckpt_path, policy, tok, step=max_steps, config=config)
+save(max_steps)
 summary = {"steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
            "n_eval_prompts": len(eval_prompts), "samples_per_prompt": eval_k, "start": start, "final": metrics}
 write_json(os.path.join(out_dir, "summary.json"), summary)

@@ -2,13 +2,15 @@
 PPO-based RLHF (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022): a policy, a frozen
 reference, a frozen reward model and a critic.
 
-    python train_ppo.py                                   # from out/sft/ckpt.pt, judged by out/prm/ckpt.pt
-    python train_ppo.py --init_kl_coef=0 --adaptive_kl=False --out_dir=out/ppo_weak_kl   # no KL penalty
-    python train_ppo.py --reward_model=out/rm/ckpt.pt     # the outcome RM as the judge (read at the EOS)
+    python train_ppo.py                                   # from out/sft/ckpt.pt, judged by out/rm/ckpt.pt
+    python train_ppo.py --reward_model=out/prm/ckpt.pt    # the process RM as the judge (weakest step)
+    python train_ppo.py --reward_model=out/prm/ckpt.pt --init_kl_coef=0 --adaptive_kl=False --out_dir=out/ppo_weak_kl
     python train_ppo.py --critic=shared                   # a value head on the policy's own body
 
-The default judge is the process RM (`python train_rm.py --kind=process --out_dir=out/prm
---max_steps=1500`) because the outcome RM does not learn the built-in task (README).
+The default judge is the outcome RM that the default `python train_rm.py` writes, so the documented
+no-argument commands chain: `train_sft.py`, `train_rm.py`, `train_ppo.py`. The process RM
+(`python train_rm.py --kind=process --out_dir=out/prm --max_steps=1500`) is the judge of the measured
+weak-KL (over-optimisation) run in the README.
 
 Each iteration: roll out one response per prompt, score it with the reward model, turn the score into
 per-token rewards with a KL penalty, estimate advantages with GAE and the critic, then several epochs
@@ -46,6 +48,10 @@ Implementation details:
    another scale, so its critic keeps the body and starts with a zero head (every value 0, the mean
    standardised score). critic="shared" puts a fresh value head on the policy's body (loss = policy +
    vf_coef * value).
+9. Checkpoints every ckpt_interval iterations and at the end; `--resume=True` continues exactly from
+   <out_dir>/ckpt.pt: policy, critic, their optimizer, beta, the process judge's normalisation, the
+   sampling generator and prompt RNG, the curves. A NaN or inf loss or gradient norm stops the run
+   naming the iteration; no checkpoint with NaN is written.
 
 Logged metrics (metrics.jsonl, one line per iteration):
   rm, rm_std           mean and std of the reward model's score of the rollouts (normalised scale)
@@ -77,13 +83,13 @@ from nanoalign.heads import ScalarModel
 from nanoalign.losses import adaptive_kl_beta, clipped_surrogate, clipped_value_loss, gae, k3_kl
 from nanoalign.rewards import process_score, step_scores
 from nanoalign.sampling import generate
-from nanoalign.utils import (JsonlLogger, configure, load_checkpoint, optimizer_step, save_checkpoint, setup_device,
-                             write_json)
+from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, load_checkpoint, optimizer_step, save_checkpoint, setup_device,
+                             restore_state, resume_checkpoint, resume_state, write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/ppo"  # checkpoint, metrics.jsonl, curves.csv and summary.json go here
 init_from = "out/sft/ckpt.pt"  # the policy to start from, and the frozen reference
-reward_model = "out/prm/ckpt.pt"  # a reward model from train_rm.py, outcome or process (detail 2)
+reward_model = "out/rm/ckpt.pt"  # a reward model from train_rm.py, outcome or process (detail 2)
 critic = "rm"  # "rm": a separate critic initialised from the reward model; "shared": a value head on the policy
 batch_size = 64  # prompts (one rollout each) per iteration
 max_iters = 100  # iterations (rollout + update)
@@ -110,6 +116,8 @@ max_new_tokens = 48  # longest response
 grad_clip = 1.0  # clip the gradient norm of policy + critic (0: off)
 eval_interval = 25  # iterations between held-out evaluations
 n_eval = 256  # held-out prompts per evaluation
+ckpt_interval = 25  # iterations between checkpoints (one is always written at the end)
+resume = False  # continue from <out_dir>/ckpt.pt if it exists (policy, critic, optimizer, beta, RNGs, prm_norm, ...)
 seed = 1337  # seeds prompts and sampling
 device = "auto"  # "auto", "cpu", "cuda", ...
 dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
@@ -122,10 +130,10 @@ device, autocast, scaler = setup_device(device, dtype)
 gen = torch.Generator(device=device).manual_seed(seed)
 
 # -------------------------------------------------------------------------- the four roles
-policy, tok, _ = load_checkpoint(init_from, device)
+policy, tok, _ = load_checkpoint(init_from, device, expect="gpt", what="--init_from")
 ref = load_checkpoint(init_from, device)[0].eval().requires_grad_(False)
-rm, _, rm_ckpt = load_checkpoint(reward_model, device)
-assert isinstance(rm, ScalarModel), f"{reward_model} is not a reward model checkpoint"
+rm, rm_tok, rm_ckpt = load_checkpoint(reward_model, device, expect="scalar", what="--reward_model")
+check_tokenizers(tok, rm_tok, f"--init_from={init_from}", f"--reward_model={reward_model}")
 rm.eval().requires_grad_(False)
 process_judge = rm_ckpt.get("rm_kind") == "process"
 prm_norm = None  # (mean, std) of the process scores of the first rollouts
@@ -183,12 +191,31 @@ def evaluate():
 
 
 # -------------------------------------------------------------------------- training loop
-logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
-start = evaluate()
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt = resume_checkpoint(ckpt_path, resume, device)
+logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"), append=ckpt is not None)
+rng = random.Random(seed)  # picks each iteration's prompts
+start_iter, beta, curves = 0, init_kl_coef, []
+if ckpt:  # everything the next iteration depends on, as it was; the SFT scores were saved with it
+    restore_state(ckpt, model=policy, critic=value_model, optimizer=optimizer, scaler=scaler, gen=gen,
+                  prompt_rng=rng, logger=logger)
+    start_iter, beta, prm_norm, curves, start, metrics, stats = (ckpt[k] for k in (
+        "step", "beta", "prm_norm", "curves", "start", "last_eval", "last_iter"))
+    print(f"resumed from {ckpt_path} at iter {start_iter}")
+else:
+    start = metrics = evaluate()
 print("start (SFT): " + " ".join(f"{k} {v:.3f}" for k, v in start.items()))
-t0, metrics, beta, curves = time.time(), start, init_kl_coef, []
-rng = random.Random(seed)
-bar = tqdm(range(max_iters), desc="ppo")
+t0 = time.time()
+
+
+def save(done):
+    last = {k: stats[k] for k in ("rm", "gold", "kl", "beta", "len", "eos")} if done else None
+    save_checkpoint(ckpt_path, policy, tok, step=done, config=config, beta=beta, prm_norm=prm_norm, curves=curves,
+                    start=start, last_eval=metrics, last_iter=last, **resume_state(
+                        critic=value_model, optimizer=optimizer, scaler=scaler, gen=gen, prompt_rng=rng, logger=logger))
+
+
+bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, desc="ppo")
 for it in bar:
     # 1) rollouts (detail 1)
     prompts = [rng.choice(train_prompts) for _ in range(batch_size)]
@@ -232,7 +259,8 @@ for it in bar:
             vf_loss = masked_mean(vf_tok, mm)
             loss = pg_loss + vf_coef * vf_loss - ent_coef * masked_mean(ent_mb, mm)
             scaler.scale(loss).backward()
-            stats = {"grad_norm": optimizer_step(trained, optimizer, scaler, grad_clip), "pg_loss": pg_loss.item(),
+            stats = {"grad_norm": optimizer_step(trained, optimizer, scaler, grad_clip, loss.item(), f"iter {it + 1}"),
+                     "pg_loss": pg_loss.item(),
                      "vf_loss": vf_loss.item(),
                      "approx_kl": masked_mean(0.5 * (logp.detach() - old_logp[mb]) ** 2, mm).item(),
                      "clipfrac": masked_mean((low | high).float(), mm).item(),
@@ -258,9 +286,10 @@ for it in bar:
                   + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     logger.log(iter=done, **stats)
     bar.set_postfix(rm=f"{stats['rm']:.2f}", gold=f"{stats['gold']:.3f}", kl=f"{kl_seq:.2f}")
+    if done % ckpt_interval == 0 and done < max_iters:
+        save(done)
 
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-save_checkpoint(ckpt_path, policy, tok, step=max_iters, config=config)
+save(max_iters)
 with open(os.path.join(out_dir, "curves.csv"), "w") as f:
     f.write("iter,kl,rm,gold\n" + "".join(f"{i},{k:.4f},{r:.4f},{g:.4f}\n" for i, k, r, g in curves))
 try:  # the picture is optional: matplotlib is not a dependency

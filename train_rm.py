@@ -13,7 +13,9 @@ Implementation details:
 2. Outcome: chosen and rejected sequences go through ONE forward (stacked on the batch axis), and each
    reward is read at the sequence's last real token, the EOS (`core.gather_last`, mask from lengths).
 3. Loss: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2, the mean over pairs.
-   `margin` is a constant, or per pair from a "margin" field in the data.
+   `margin` is a constant, or per pair from a "margin" field in the data. A pair with a "p_chosen" field
+   (a soft label, e.g. an AI judge's probability; constitutional.py --mode=rl writes them) trains towards
+   that probability: p * BT(r_c, r_r) + (1 - p) * BT(r_r, r_c) (feedback.soft_bradley_terry_loss).
 4. Process: the scalar at the last token of each step (its result, just before the ";" separator) is
    the logit of "this step is correct"; binary cross-entropy against the task's step checker, the
    mean over all steps of the batch. (`rewards.step_tokens` says why not at the separator itself.)
@@ -29,6 +31,9 @@ Implementation details:
    knows how likely each written token is only through its LM head; a head on its hidden states has to
    learn that from the outcome labels first, which on the built-in task takes thousands of steps
    (README). With it, the new blocks only have to learn how to weigh and gather the log-probs.
+8. Checkpoints every ckpt_interval steps (un-normalised) and at the end (normalised); `--resume=True`
+   continues exactly from <out_dir>/ckpt.pt (pin the schedule with lr_decay_steps to extend a run). A
+   NaN or inf loss or gradient norm stops the run naming the step; no checkpoint with NaN is written.
 
 Logged metrics (metrics.jsonl):
   loss, lr, grad_norm       training loss of the step, learning rate, gradient norm before clipping
@@ -53,24 +58,26 @@ from tqdm import tqdm
 
 from nanoalign import data, task
 from nanoalign.core import gather_last, pad
+from nanoalign.feedback import soft_bradley_terry_loss
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import bradley_terry_loss, process_reward_loss
 from nanoalign.rewards import (implicit_rewards, outcome_scores, pair_accuracy, process_score, response_tokens,
                                step_scores, step_tokens)
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
-                             save_checkpoint, setup_device, step_generator, write_json)
+                             restore_state, resume_checkpoint, resume_state, save_checkpoint, setup_device,
+                             step_generator, write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/rm"  # checkpoint, metrics.jsonl and summary.json go here
 kind = "outcome"  # "outcome" (Bradley-Terry on pairs) or "process" (per-step correctness, built-in task only)
 init_from = "out/sft/ckpt.pt"  # the SFT checkpoint (.pt) or a GPT-2 directory the RM starts from
-tokenizer = "gpt2"  # for a GPT-2 directory: "gpt2" or "gpt2:/path/to/gpt2.tiktoken"
+tokenizer = ""  # "": a checkpoint's own, GPT-2's for a GPT-2 dir (its vocab.json + merges.txt if there); "gpt2:/path"
 data_path = "builtin"  # "builtin", or a preference file (prompt/chosen/rejected, or raw HH-RLHF) JSON/JSONL(.gz)
 n_train = 20000  # builtin: training pairs (outcome) or step-labelled responses (process)
 n_eval = 1000  # held-out pairs evaluated (builtin: test-split prompts; file: the val split)
-val_frac = 0.05  # file data: fraction of pairs held out
-on_error = "raise"  # malformed records: "raise" or "skip" (counted, reported)
-truncate = "skip"  # sequences longer than the context: "skip" (counted), "raise", or "left"
+val_frac = 0.05  # file data: about this fraction of prompts held out (split by a hash of the prompt)
+on_error = "raise"  # malformed records: "raise" (error naming file:line) or "skip" (counted, reported)
+truncate = "skip"  # sequences longer than block_size: "skip" (counted), "raise", or "left" (cut the prompt's start)
 margin = 0.0  # Bradley-Terry margin for pairs that carry no "margin" field
 center_coef = 0.0  # reward centering: + center_coef * mean((r_c + r_r)^2)
 top_blocks = 2  # outcome: new blocks between the (then frozen) body and the head, fed log p(token) (detail 7)
@@ -79,10 +86,13 @@ max_steps = 600  # optimizer steps
 lr = 1e-3  # peak learning rate
 min_lr = 1e-4  # learning rate at the end of the cosine decay
 warmup_steps = 30  # linear warmup steps
+lr_decay_steps = 0  # steps of the cosine schedule (0: max_steps)
 weight_decay = 0.1  # AdamW weight decay (matrices only)
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_interval = 200  # steps between evaluations
 log_interval = 10  # steps between metrics.jsonl lines
+ckpt_interval = 200  # steps between checkpoints (one is always written at the end, after the normalisation)
+resume = False  # continue from <out_dir>/ckpt.pt if it exists (model, optimizer, scaler, step, RNG, log rows)
 normalize = True  # outcome: standardise rewards on the policy's own samples after training
 policy = ""  # the policy whose samples set the normalisation ("": init_from, if it is a checkpoint)
 n_norm = 512  # samples used for the normalisation
@@ -99,6 +109,17 @@ os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 device, autocast, scaler = setup_device(device, dtype)
 user = lambda text: [{"role": "user", "content": text}]  # a built-in prompt as a conversation
+
+# -------------------------------------------------------------------------- data: records
+# parsed before the model is built, so a bad file fails at once (no torch RNG is used here)
+if data_path == "builtin":
+    train_records = data.normalise(task.preference_records(n_train, seed), "preference", "builtin-train") \
+        if kind == "outcome" else None
+    eval_pairs = data.normalise(task.preference_records(n_eval, seed, split="test"), "preference", "builtin-test")
+else:  # split by prompt: pairs that share a prompt are all train or all held out
+    train_records, eval_pairs = data.split_by_prompt(data.load(data_path, "preference", on_error)[0], val_frac, seed,
+                                                     data_path)
+    eval_pairs = eval_pairs[:n_eval]
 
 # -------------------------------------------------------------------------- model
 gpt, tok = init_model(init_from, tokenizer, {}, device)
@@ -117,26 +138,16 @@ n_train_params = sum(p.numel() for p in rm.parameters() if p.requires_grad)
 print(f"{kind} reward model from {init_from}: {gpt.num_params() / 1e6:.2f}M-parameter body, {top_blocks} new blocks, "
       f"{n_train_params / 1e6:.2f}M parameters trained")
 
-# -------------------------------------------------------------------------- data
-if data_path == "builtin":
-    train_records = task.preference_records(n_train, seed) if kind == "outcome" else None
-    eval_pairs = data.normalise(task.preference_records(n_eval, seed, split="test"), "preference", "builtin-test")
-else:
-    pairs, _ = data.load(data_path, "preference", on_error)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(pairs) * val_frac))
-    eval_pairs, train_records = [pairs[i] for i in order[:n_val]][:n_eval], [pairs[i] for i in order[n_val:]]
-
+# -------------------------------------------------------------------------- data: tokens
 if kind == "outcome":
-    if data_path == "builtin":
-        train_records = data.normalise(train_records, "preference", "builtin-train")
     skips, train_set = data.Skips("skip"), []
-    for i, r in enumerate(train_records):  # (chosen ids, rejected ids, margin); both must fit the context
-        c = data.fit(*response_tokens(tok, r["prompt"], r["chosen"]), block, truncate, f"pair {i}", skips)
-        rj = data.fit(*response_tokens(tok, r["prompt"], r["rejected"]), block, truncate, f"pair {i}", skips)
-        if c and rj:
-            train_set.append((c[0], rj[0], float(r.get("margin", margin))))
+    for r in train_records:  # (chosen ids, rejected ids, margin); both must fit the context (skips count pairs)
+        pair = data.fit_all([response_tokens(tok, r["prompt"], r[k]) for k in ("chosen", "rejected")], block,
+                            truncate, r.where, skips)
+        if pair:
+            train_set.append((pair[0][0], pair[1][0], float(r.get("margin", margin)), r.get("p_chosen", 1.0)))
     skips.report("train pairs")
+    data.require(train_set, f"{data_path} (train pairs)", len(train_records), skips)
 else:  # process: demonstrator samples (at twice the slip rate) with the step checker's labels
     rng, train_set = random.Random(f"prm-{seed}"), []
     for _ in range(n_train):
@@ -214,7 +225,10 @@ def loss_on(batch):
             r = gather_last(train_rm(ids), mask)  # right padding: no attention mask; read at the EOS
         r_c, r_r = r[:B], r[B:]
         m = torch.tensor([b[2] for b in batch], device=device)
-        loss = bradley_terry_loss(r_c, r_r, m, center_coef).mean()
+        p = torch.tensor([b[3] for b in batch], device=device)
+        loss = bradley_terry_loss(r_c, r_r, m, center_coef) if bool((p == 1).all()) else \
+            soft_bradley_terry_loss(r_c, r_r, p, m, center_coef)  # soft labels: a "p_chosen" field (detail 3)
+        loss = loss.mean()
         return loss, {"acc": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item()}
     ids, _ = pad([b[0] for b in batch], tok.pad_id)
     S = max(len(b[1]) for b in batch)
@@ -235,24 +249,40 @@ optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "
                                {"params": [p for p in params if p.dim() < 2] + list(rm.head.parameters()),
                                 "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99), fused="cuda" in device)
 train_rm = torch.compile(rm) if compile else rm
-logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"))
-start = evaluate()
-rm.eval()  # a baseline with no training: the initial model's own log-likelihood of each response as the judge
-baseline = accuracies(*(implicit_rewards(gpt, None, tok, eval_prompts, [p[k] for p in eval_pairs])
-                        for k in ("chosen", "rejected")), prefix="loglik/")
-print("start: " + " ".join(f"{k} {v:.3f}" for k, v in start.items()))
-print("baseline (the initial model's log-likelihood as the judge): "
-      + " ".join(f"{k} {v:.3f}" for k, v in baseline.items()))
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt = resume_checkpoint(ckpt_path, resume, device)
+logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"), append=ckpt is not None)
+start_step, metrics = 0, None
+if ckpt:  # weights, optimizer, RNG and log as they were; the scores before training were saved with them
+    restore_state(ckpt, model=rm, optimizer=optimizer, scaler=scaler, logger=logger)
+    rm.gain.fill_(1.0), rm.bias.fill_(0.0)  # training is un-normalised (a final checkpoint's is set again below)
+    start_step, start, baseline, metrics = ckpt["step"], ckpt["start"], ckpt["baseline"], ckpt["last_eval"]
+    print(f"resumed from {ckpt_path} at step {start_step}")
+else:
+    start = evaluate()
+    rm.eval()  # a baseline with no training: the initial model's own log-likelihood of each response as the judge
+    baseline = accuracies(*(implicit_rewards(gpt, None, tok, eval_prompts, [p[k] for p in eval_pairs])
+                            for k in ("chosen", "rejected")), prefix="loglik/")
+    print("start: " + " ".join(f"{k} {v:.3f}" for k, v in start.items()))
+    print("baseline (the initial model's log-likelihood as the judge): "
+          + " ".join(f"{k} {v:.3f}" for k, v in baseline.items()))
+
+
+def save(step):
+    save_checkpoint(ckpt_path, rm, tok, step=step, config=config, rm_kind=kind, start=start, baseline=baseline,
+                    last_eval=metrics, **resume_state(optimizer=optimizer, scaler=scaler, logger=logger))
+
+
 t0 = time.time()
 rm.train()
-bar = tqdm(range(max_steps), desc=f"rm-{kind}")
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"rm-{kind}")
 for step in bar:
     picks = torch.randint(len(train_set), (batch_size,), generator=step_generator(seed, step)).tolist()
     for g in optimizer.param_groups:
-        g["lr"] = cosine_lr(step, lr, warmup_steps, max_steps, min_lr)
+        g["lr"] = cosine_lr(step, lr, warmup_steps, lr_decay_steps or max_steps, min_lr)
     loss, stats = loss_on([train_set[i] for i in picks])
     scaler.scale(loss).backward()
-    grad_norm = optimizer_step(rm, optimizer, scaler, grad_clip)
+    grad_norm = optimizer_step(rm, optimizer, scaler, grad_clip, loss.item(), f"step {step + 1}")  # NaN: stop
     bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in stats.items()})
     done = step + 1
     if done % log_interval == 0:
@@ -261,6 +291,8 @@ for step in bar:
         metrics = evaluate()
         logger.log(step=done, **metrics)
         bar.write(f"step {done} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if done % ckpt_interval == 0 and done < max_steps:  # the last one is written after the normalisation
+        save(done)
 final = metrics
 
 # -------------------------------------------------------------------------- normalisation
@@ -278,8 +310,7 @@ if kind == "outcome" and normalize:
                 "mean_after": normed.mean().item(), "std_after": normed.std(unbiased=False).item()}
         print(f"normalised on {len(prompts)} samples of {policy_path}: gain {norm['gain']:.4f}, bias {norm['bias']:.4f}")
 
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-save_checkpoint(ckpt_path, rm, tok, step=max_steps, config=config, rm_kind=kind)
+save(max_steps)
 summary = {"kind": kind, "steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
            "n_eval_pairs": len(eval_pairs), "start": start, "final": final, "baseline": baseline,
            "normalization": norm}

@@ -14,7 +14,9 @@ Implementation details (a reader's checklist):
    gradient of the full batch, however it is split.
 3. Right padding, so the model needs no attention mask (causal attention never looks right) and
    padding is simply outside the loss mask.
-4. A step's examples depend only on (seed, step): resuming from a checkpoint is exact.
+4. A step's examples depend only on (seed, step): resuming from a checkpoint is exact (`--resume=True`,
+   even after kill -9). A NaN or inf loss or gradient norm stops the run before the update, naming the
+   step, and a checkpoint with a non-finite tensor is never written: the last good one survives.
 5. AdamW (no weight decay on biases/LayerNorm), linear warmup + cosine decay, gradient clipping.
 6. AMP: bf16 autocast on GPUs that have it, else fp16 with a GradScaler; float32 on CPU by default.
 7. Evaluation samples responses to held-out prompts (split by prompt) and scores them with the
@@ -39,17 +41,19 @@ from nanoalign import data, task
 from nanoalign.core import pad, token_logprobs
 from nanoalign.losses import sft_loss
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
-                             save_checkpoint, setup_device, step_generator, write_json)
+                             restore_state, resume_state, save_checkpoint, setup_device, step_generator, write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/sft"  # checkpoint, metrics.jsonl and summary.json go here
 data_path = "builtin"  # "builtin" (the offline task) or an SFT file (JSON/JSONL: prompt/response or messages)
 n_train = 20000  # builtin: number of training demonstrations generated
-val_frac = 0.05  # file data: fraction of records held out for val_loss (by position, after a seeded shuffle)
+skills = "solve"  # builtin: what to learn, from task.SKILLS: "solve" (the default data), or e.g. "solve,critique,revise,compare,score"
+n_skill = 5000  # builtin: demonstrations per feedback skill (critique, revise, compare, score: task.skill_records)
+val_frac = 0.05  # file data: about this fraction of prompts held out for val_loss (split by a hash of the prompt)
 on_error = "raise"  # malformed records: "raise" (error naming file:line) or "skip" (counted, reported)
 truncate = "skip"  # sequences longer than block_size: "skip" (counted), "raise", or "left" (cut the prompt's start)
 init_from = "scratch"  # "scratch", a nanoalign checkpoint (.pt), or a GPT-2 directory (config.json + weights)
-tokenizer = "byte"  # for scratch models: "byte", "gpt2" (tiktoken's), or "gpt2:/path/to/gpt2.tiktoken"
+tokenizer = ""  # "": byte for scratch, GPT-2's for a GPT-2 dir, a checkpoint's own; or "byte", "gpt2", "gpt2:/path"
 n_layer = 4  # scratch model: transformer blocks
 n_head = 4  # scratch model: attention heads
 n_embd = 128  # scratch model: width
@@ -70,7 +74,7 @@ eval_interval = 300  # steps between evaluations
 n_eval = 256  # held-out prompts sampled per evaluation (and for summary.json)
 log_interval = 10  # steps between metrics.jsonl lines
 ckpt_interval = 300  # steps between checkpoints (one is always written at the end)
-resume = False  # continue from <out_dir>/ckpt.pt (model, optimizer, step)
+resume = False  # continue from <out_dir>/ckpt.pt if it exists (model, optimizer, scaler, step, RNG, log rows)
 seed = 1337  # seeds data, initialisation and evaluation sampling
 device = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
 dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
@@ -83,6 +87,15 @@ device, autocast, scaler = setup_device(device, dtype)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 resuming = resume and os.path.exists(ckpt_path)
 
+# -------------------------------------------------------------------------- data: records
+# parsed before the model is built, so a bad file fails at once (no torch RNG is used here)
+if data_path == "builtin":
+    solve = task.sft_records(n_train, seed) if "solve" in skills.split(",") else []
+    train_convs = data.normalise(solve + task.skill_records(skills, n_skill, seed), "sft", "builtin-train")
+    val_convs = data.normalise(task.sft_records(512, seed, split="val"), "sft", "builtin-val")
+else:  # split by prompt: conversations that share a prompt are all train or all val
+    train_convs, val_convs = data.split_by_prompt(data.load(data_path, "sft", on_error)[0], val_frac, seed, data_path)
+
 # -------------------------------------------------------------------------- model and tokenizer
 if resuming:
     model, tok, ckpt = load_checkpoint(ckpt_path, device)
@@ -91,17 +104,10 @@ else:
                                                         block_size=block_size, dropout=dropout), device)
 print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, context {model.config.block_size}")
 
-# -------------------------------------------------------------------------- data
-if data_path == "builtin":
-    train_convs = data.normalise(task.sft_records(n_train, seed), "sft", "builtin-train")
-    val_convs = data.normalise(task.sft_records(512, seed, split="val"), "sft", "builtin-val")
-else:
-    convs, _ = data.load(data_path, "sft", on_error)
-    order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(convs) * val_frac))
-    val_convs, train_convs = [convs[i] for i in order[:n_val]], [convs[i] for i in order[n_val:]]
-train_set = data.tokenize_sft(tok, train_convs, model.config.block_size, truncate, "train")
-val_set = data.tokenize_sft(tok, val_convs, model.config.block_size, truncate, "val")[:512]
+# -------------------------------------------------------------------------- data: tokens
+src = "" if data_path == "builtin" else f"{data_path} "  # names the set in "no usable records" errors
+train_set = data.tokenize_sft(tok, train_convs, model.config.block_size, truncate, src + "train")
+val_set = data.tokenize_sft(tok, val_convs, model.config.block_size, truncate, src + "val")[:512]
 print(f"data: {len(train_set)} train and {len(val_set)} val conversations from {data_path}")
 eval_prompts = task.prompts(n_eval, seed, split="val")  # periodic evaluation
 test_prompts = task.prompts(n_eval, seed, split="test")  # summary.json
@@ -133,20 +139,19 @@ def evaluate(step):
 
 # -------------------------------------------------------------------------- optimizer, resume
 optimizer = model.configure_optimizer(weight_decay, lr, (beta1, beta2), "cuda" if "cuda" in device else "cpu")
-start_step, start_eval = 0, None
-if resuming:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    start_step, start_eval = ckpt["step"], ckpt["start_eval"]
-    torch.set_rng_state(ckpt["rng"])
-    print(f"resumed from {ckpt_path} at step {start_step}")
 train_model = torch.compile(model) if compile else model  # sampling and saving use the uncompiled `model`
 decay_steps = lr_decay_steps or max_steps
 logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"), append=resuming)
+start_step, start_eval = 0, None
+if resuming:  # the model came from the checkpoint above; the rest of the state now
+    restore_state(ckpt, optimizer=optimizer, scaler=scaler, logger=logger)
+    start_step, start_eval = ckpt["step"], ckpt["start_eval"]
+    print(f"resumed from {ckpt_path} at step {start_step}")
 
 
 def save(step):
-    save_checkpoint(ckpt_path, model, tok, optimizer=optimizer.state_dict(), step=step, config=config,
-                    start_eval=start_eval, rng=torch.get_rng_state())
+    save_checkpoint(ckpt_path, model, tok, step=step, config=config, start_eval=start_eval,
+                    **resume_state(optimizer=optimizer, scaler=scaler, logger=logger))
 
 
 # -------------------------------------------------------------------------- training loop
@@ -170,7 +175,7 @@ for step in bar:
         scaler.scale(loss).backward()
         loss_sum += loss.item()
     # 3) clip and step
-    grad_norm = optimizer_step(model, optimizer, scaler, grad_clip)
+    grad_norm = optimizer_step(model, optimizer, scaler, grad_clip, loss_sum, f"step {step + 1}")  # NaN: stop
     tokens += sum(len(e[0]) for e in examples)
     bar.set_postfix(loss=f"{loss_sum:.3f}")
     done = step + 1

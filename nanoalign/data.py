@@ -15,22 +15,56 @@ Files are JSON (one array of records) or JSONL (one record per line). Formats:
   problem     {"question": str, "answer": "... #### 42"} (GSM8K) or {"prompt": str, "answer": str}
                 -> {"prompt": messages, "answer": "42"}
 
-Errors. A malformed record (bad JSON, a missing key, an empty response, ...) raises `DataError` naming
-the file and line (`on_error="raise"`, the default), or is skipped and counted (`on_error="skip"`);
-`Skips` prints what was skipped and why. Nothing is dropped silently.
+Optional fields, kept when present: a preference record's "margin" (a finite number, or null for none:
+that pair's Bradley-Terry margin in train_rm.py) and "p_chosen" (a probability in [0, 1], or null: the
+soft label P(chosen > rejected), e.g. an AI judge's, that train_rm.py trains towards). Other extra keys
+are ignored.
+
+A problem's answer must be what the answer checker (`rewards.answer_reward`) can match: one number as
+`rewards.final_number` reads it from a response, e.g. 42, -3, 0.5 or 1,234 (commas are dropped). An
+answer such as "4 apples", "3/4" or a worked solution without "#### N" could never be matched, so it
+is a malformed record, not a problem every response fails.
+
+Each normalised record is a `Record`: a plain dict that also knows where it came from (`.where`,
+"file:line" or "builtin-train[i]"), so that later messages (too long, ...) can name it.
+
+Errors. A malformed record (bad JSON, a line that is not UTF-8, a missing key, an empty response, ...)
+raises `DataError` naming the file and line (`on_error="raise"`, the default), or is skipped and
+counted (`on_error="skip"`); `Skips` prints what was skipped and why. Nothing is dropped silently.
+A file that cannot be read (missing, not gzip although named .gz, a broken JSON array) and a file with
+no usable record left ("FILE: no usable records (N read, K skipped: reasons)") raise DataError whatever
+on_error says. In a script, an uncaught DataError ends the run with its one-line message (the
+excepthook that `utils.configure` installs), not a traceback.
+
+File data is split into train and val by a hash of the prompt (`split_by_prompt`), as the built-in
+task is (`task.split_of`), so records that share a prompt never straddle the split.
 
 Truncation policy (`truncate`), for sequences longer than the context: "skip" (default: drop the
 example, counted), "raise", or "left" (drop the oldest prompt tokens; the response and its EOS are
 never cut, so a response that alone does not fit is always skipped/raised).
 """
+import codecs
 import collections
 import gzip
 import json
+import math
+import random
 import re
+import zlib
+
+from nanoalign.rewards import final_number
 
 
 class DataError(ValueError):
     pass
+
+
+class Record(dict):
+    """A normalised record: a plain dict (equal to one) that also knows where it came from."""
+
+    def __init__(self, fields, where):
+        super().__init__(fields)
+        self.where = where  # "file:line" or "builtin-train[i]"
 
 
 class Skips:
@@ -45,19 +79,44 @@ class Skips:
             raise DataError(f"{where}: {reason}")
         self.counts[reason.split(":")[0]] += 1
 
+    def reasons(self):
+        return ", ".join(f"{n} x {r}" for r, n in self.counts.most_common())
+
     def report(self, name):
         if self.counts:
-            print(f"{name}: skipped {sum(self.counts.values())} records: " +
-                  ", ".join(f"{n} x {r}" for r, n in self.counts.most_common()))
+            print(f"{name}: skipped {sum(self.counts.values())} records: " + self.reasons())
         return sum(self.counts.values())
 
 
+def require(items, name, n_read, skips):
+    """`items` if there are any; else DataError "name: no usable records (N read, K skipped: reasons)"."""
+    if items:
+        return items
+    k = sum(skips.counts.values())
+    raise DataError(f"{name}: no usable records ({n_read} read, {k} skipped" + (f": {skips.reasons()})" if k else ")"))
+
+
 def read_records(path, skips):
-    """Yield (where, record) from a JSON array or JSONL file (optionally .gz); `where` is "file:line"."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-        text = f.read()
-    if text.lstrip().startswith("["):  # one JSON array
+    """Yield (where, record) from a JSON array or JSONL file (optionally .gz); `where` is "file:line".
+    JSONL is decoded line by line, so a line that is not UTF-8 is one bad record (skippable)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if path.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # not gzip at all, truncated, or corrupt
+            raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    if raw.startswith(codecs.BOM_UTF8):  # tolerate a byte-order mark
+        raw = raw[len(codecs.BOM_UTF8):]
+    if raw.lstrip().startswith(b"["):  # one JSON array
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # one document: it cannot be read around the bad byte
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8") from None
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
@@ -73,11 +132,16 @@ def read_records(path, skips):
             line += text.count("\n", pos, end)
             pos = end
         return
-    for i, raw in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold raw U+2028 etc.
-        if not raw.strip():
+    for i, line in enumerate(raw.split(b"\n"), 1):  # not splitlines(): JSON strings may hold raw U+2028 etc.
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            skips(f"{path}:{i}", "not valid UTF-8")
+            continue
+        if not line.strip():
             continue
         try:
-            rec = json.loads(raw)
+            rec = json.loads(line)
         except json.JSONDecodeError as e:
             skips(f"{path}:{i}", f"bad JSON: {e.msg}")
             continue
@@ -176,8 +240,19 @@ def parse_preference(rec, where):
             _messages(rec[k], where, k), where, k)[1] for k in ("chosen", "rejected"))
     if not prompt:
         raise DataError(f"{where}: empty prompt")
-    return {"prompt": prompt, "chosen": _nonempty(chosen, where, "chosen response"),
-            "rejected": _nonempty(rejected, where, "rejected response")}
+    out = {"prompt": prompt, "chosen": _nonempty(chosen, where, "chosen response"),
+           "rejected": _nonempty(rejected, where, "rejected response")}
+    if rec.get("margin") is not None:  # optional: this pair's own Bradley-Terry margin (train_rm.py)
+        m = rec["margin"]
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise DataError(f"{where}: 'margin' must be a finite number: got {m!r}")
+        out["margin"] = float(m)
+    if rec.get("p_chosen") is not None:  # optional: a soft label, P(chosen > rejected), e.g. an AI judge's (train_rm.py)
+        p = rec["p_chosen"]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise DataError(f"{where}: 'p_chosen' must be a probability in [0, 1]: got {p!r}")
+        out["p_chosen"] = float(p)
+    return out
 
 
 def parse_unpaired(rec, where):
@@ -195,32 +270,56 @@ def parse_problem(rec, where):
     answer = _text(rec, "answer", where)
     if "####" in answer:  # GSM8K: the worked solution's last line is "#### <final answer>"
         answer = answer.rsplit("####", 1)[1]
-    answer = answer.strip().replace(",", "")
-    return {"prompt": [{"role": "user", "content": _nonempty(question, where, "question")}],
-            "answer": _nonempty(answer, where, "answer")}
+    prompt = [{"role": "user", "content": _nonempty(question, where, "question")}]
+    answer = _nonempty(answer.strip().replace(",", ""), where, "answer")
+    if final_number(answer) != answer:  # what the checker reads from a response must be able to equal it
+        raise DataError(f"{where}: answer is not a number the answer checker can match: {answer!r} "
+                        "(it must be one number such as 42, -3 or 0.5, as in GSM8K's last line '#### 42')")
+    return {"prompt": prompt, "answer": answer}
 
 
 PARSERS = {"sft": parse_sft, "preference": parse_preference, "unpaired": parse_unpaired, "problem": parse_problem}
 
 
 def load(path, kind, on_error="raise"):
-    """Read and normalise a file of `kind` records. Returns (records, skips)."""
+    """Read and normalise a file of `kind` records. Returns (records, skips); each record is a `Record`
+    whose .where is its "file:line". DataError if no record is usable."""
     skips = Skips(on_error)
     out = []
     for where, rec in read_records(path, skips):
         try:
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            out.append(PARSERS[kind](rec, where))
+            out.append(Record(PARSERS[kind](rec, where), where))
         except DataError as e:
             skips(where, str(e).split(": ", 1)[1])
     skips.report(path)
-    return out, skips
+    return require(out, path, len(out) + sum(skips.counts.values()), skips), skips
 
 
 def normalise(records, kind, name="records"):
     """Normalise records made in memory (the built-in task) exactly as if they came from a file."""
-    return [PARSERS[kind](r, f"{name}[{i}]") for i, r in enumerate(records)]
+    return [Record(PARSERS[kind](r, f"{name}[{i}]"), f"{name}[{i}]") for i, r in enumerate(records)]
+
+
+def split_by_prompt(records, val_frac, seed, name="records"):
+    """File records -> (train, val), split by a hash of the prompt as the built-in task is split
+    (task.split_of), so records that share a prompt are on the same side: a prompt is held out when
+    crc32(its JSON) / 2^32 < val_frac (about val_frac of the prompts; at least one, and never all).
+    The prompt of an SFT conversation is everything before its final reply. Both sides keep a seeded
+    shuffle. A file with a single prompt cannot be split by prompt: its records are split (said so)."""
+    keys = [json.dumps(r["prompt"] if "prompt" in r else r["messages"][:-1], sort_keys=True) for r in records]
+    h = {k: zlib.crc32(k.encode()) / 2 ** 32 for k in keys}
+    ranked = sorted(h, key=h.get)
+    n_held = min(max(1, sum(v < val_frac for v in h.values())), len(ranked) - 1)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    if n_held < 1:  # one prompt: hold out max(1, val_frac of the records), as a split by record would
+        print(f"{name}: every record has the same prompt, so the held-out records share it with training")
+        n_val = max(1, int(len(records) * val_frac))
+        return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+    held = set(ranked[:n_held])
+    return [records[i] for i in order if keys[i] not in held], [records[i] for i in order if keys[i] in held]
 
 
 # ------------------------------------------------------------------------------ tokenisation
@@ -241,13 +340,24 @@ def fit(ids, mask, limit, truncate, where, skips):
     return None
 
 
+def fit_all(seqs, limit, truncate, where, skips):
+    """fit() every sequence of one example (a pair: prompt + chosen, prompt + rejected) -> their fitted
+    (ids, mask), or None if any is skipped, counted once: the counts are of examples, not sequences."""
+    fitted = [fit(ids, mask, limit, truncate, where, Skips("skip")) for ids, mask in seqs]
+    if any(f is None for f in fitted):
+        skips.counts["too long"] += 1
+        return None
+    return fitted
+
+
 def tokenize_sft(tok, convs, block_size, truncate="skip", name="sft"):
-    """Conversations -> list of (ids, mask) where mask marks the trained (assistant) tokens."""
+    """Conversations -> list of (ids, mask) where mask marks the trained (assistant) tokens. Messages
+    name a record by its .where (file:line), or name[i] for a plain dict. DataError if none fits."""
     skips, out = Skips("skip"), []
     for i, c in enumerate(convs):
         ids, mask = tok.render(c["messages"])
-        r = fit(ids, mask, block_size, truncate, f"{name}[{i}]", skips)
+        r = fit(ids, mask, block_size, truncate, getattr(c, "where", f"{name}[{i}]"), skips)
         if r is not None:
             out.append(r)
     skips.report(name)
-    return out
+    return require(out, name, len(convs), skips)  # nothing left to train on is an error, not an empty set

@@ -32,23 +32,26 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     Returns (tokens [B, N], mask [B, N]) with N <= max_new_tokens: mask is 1 on each response's real
     tokens, including the EOS it sampled, and 0 on the padding after it. temperature=0 is greedy.
     Sampling is in float32 from logits / temperature; score the tokens at the same temperature.
+    Positions past block_size do not exist, so each row samples at most min(max_new_tokens,
+    block_size - its prompt's length) tokens; a row that reaches its limit ends unfinished (no EOS)
+    while the others go on. A prompt that leaves no room at all is a ValueError.
     """
     was_training = model.training
     model.eval()
     device = model.transformer.wte.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    if int(lengths.max()) >= model.config.block_size:
+        raise ValueError(f"prompt of {int(lengths.max())} tokens leaves no room in block_size {model.config.block_size}")
+    limit = (model.config.block_size - lengths).clamp(max=max_new_tokens)  # per row
+    max_new_tokens = int(limit.max())
     idx, mask = pad(prompts, pad_id, left=True)
     idx, mask = idx.to(device), mask.to(device)
     B, Tp = idx.shape
-    if Tp + max_new_tokens > model.config.block_size:
-        max_new_tokens = model.config.block_size - Tp  # positions past block_size do not exist
-        if max_new_tokens <= 0:
-            raise ValueError(f"prompt of {Tp} tokens leaves no room in block_size {model.config.block_size}")
     cache = KVCache(model.config, B, Tp + max_new_tokens, device)
     logits = model.lm_head(model.body(idx, mask, cache)[:, -1])
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
     n = 0
     for n in range(1, max_new_tokens + 1):
         logits = logits.float()
@@ -59,9 +62,11 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         nxt = nxt.masked_fill(done, pad_id)
         out[:, n - 1], out_mask[:, n - 1] = nxt, ~done
-        done = done | (nxt == eos_id)
+        done = done | (nxt == eos_id) | (n >= limit)
         if bool(done.all()) or n == max_new_tokens:
             break
-        logits = model.lm_head(model.body(nxt[:, None], ones, cache)[:, -1])
+        # finished rows are fed as padding (mask 0), so their positions stop growing: a row that hit
+        # its limit never reaches a position past block_size (what they compute is never read)
+        logits = model.lm_head(model.body(nxt[:, None], ~done[:, None], cache)[:, -1])
     model.train(was_training)
     return out[:, :n], out_mask[:, :n]

@@ -24,6 +24,9 @@ Everything a post-training pipeline needs comes from a seed, with no download:
 - `verify(prompt, response)`: the exact checker, 1.0 iff the final answer is right (GRPO).
 - `step_labels(prompt, response)`: per-step correctness (process reward models).
 - Splits are by prompt (a hash of its text): no test prompt is ever seen in training.
+- Feedback skills (critique, revise, compare, score; `skill_records`) under a short CONSTITUTION, each
+  with a flawed demonstrator that does not share the solver's blind spot and an exact checker
+  (`violations`, `critique`, `revise`, `compare`, `score`): what AI feedback is measured on.
 """
 import math
 import random
@@ -32,6 +35,7 @@ import zlib
 
 import torch
 
+from nanoalign import feedback
 from nanoalign.sampling import generate
 
 MIN_DIGITS, MAX_DIGITS = 3, 6
@@ -61,8 +65,14 @@ def digits_of(prompt):
 def demonstrate(prompt, rng, p_err=P_ERR, p_blind=P_BLIND):
     """A response from the flawed demonstrator (p_err=p_blind=0: always correct)."""
     digits = digits_of(prompt)
-    total, steps = digits[0], []
-    for d in digits[1:]:
+    return go_on([], digits[0], digits[1:], rng, p_err, p_blind)
+
+
+def go_on(steps, total, rest, rng, p_err=P_ERR, p_blind=P_BLIND):
+    """The demonstrator's way of going on from the written `steps` (a list of strings) and running
+    `total`: add each digit of `rest` with its slips and blind spot, then the answer. -> the response."""
+    steps = list(steps)
+    for d in rest:
         c = (total + d) % 10
         if d == 9 and rng.random() < p_blind:
             c = (total + 8) % 10  # the blind spot: writes "+9" but adds 8
@@ -158,6 +168,125 @@ def unpaired_records(n, seed=0, split="train", p_err=2 * P_ERR, label_temp=LABEL
 def prompts(n, seed=0, split="test"):
     rng = random.Random(f"prompts-{seed}-{split}")
     return [sample_prompt(rng, split) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------ feedback skills
+# The task also teaches feedback (the prompt formats and the primitives that use them are in
+# nanoalign/feedback.py). Each skill has a flawed demonstrator, like the solver's, and an exact checker.
+# The feedback demonstrators check every step with no blind spot (a "+9" is checked like any other
+# step: checking is easier than generating, and a critic with the solver's blind spot would have
+# nothing to fix), but they overlook a broken step with probability P_MISS. The reviser writes the
+# critique's fix and then goes on solving like the solver, slips and blind spot included.
+
+CONSTITUTION = (  # one is drawn per request (Bai et al. 2022); each has its checker in violations()
+    "each step adds the next digit",  # step j is (last result)+(digit j+1)=(their sum mod 10); no step skipped
+    "each sum keeps its last digit",  # each written step a+b=c has c = (a+b) mod 10, whatever a and b are
+    "the answer is the last result",  # the answer after "#" is the last step's result
+)
+P_MISS = 0.1  # how often a feedback demonstrator overlooks a broken step
+SKILLS = ("solve", "critique", "revise", "compare", "score")
+
+
+def violations(prompt, response, principle):
+    """Where `response` breaks CONSTITUTION[principle] (an index). A response's items are what ";" splits
+    it into: its steps, then the answer "#d". -> one entry per item: None where the item keeps the
+    principle, else what the item should be (the first one's fix is exact: every item before it is
+    right under the principle)."""
+    digits, items = digits_of(prompt), response.split(";")
+    n, total, out = len(digits) - 1, digits[0], []  # total: the last written result
+    for j, item in enumerate(items):
+        step, answer = STEP.fullmatch(item), ANSWER.fullmatch(item) if j == len(items) - 1 else None
+        fix = None
+        if principle == 2:  # only the answer can break it
+            if j == len(items) - 1 and not (answer and int(answer.group(1)) == total):
+                fix = f"#{total}"
+        elif principle == 0 or not step:  # bookkeeping: this item must be the next step, or the answer after n steps
+            expected = f"{total}+{digits[j + 1]}={(total + digits[j + 1]) % 10}" if j < n else f"#{total}"
+            fix = None if item == expected or (answer and j == n) else expected
+        else:  # principle 1, a well-formed step: its own sum
+            a, b, c = (int(x) for x in step.groups())
+            fix = None if c == (a + b) % 10 else f"{a}+{b}={(a + b) % 10}"
+        out.append(fix)
+        total = int(step.group(3)) if step else total
+    return out
+
+
+def critique(prompt, response, principle, rng=None, p_miss=P_MISS):
+    """The critic: quotes the items that keep the principle, then the first that breaks it as
+    "<item> -> <fix>"; if none does, the whole response and " ok". rng=None: the exact critique (the
+    checker's); with an rng, each broken item is overlooked with probability p_miss.
+    "4+7=1;1+2=3;3+9=1;#1", principle 1 -> "4+7=1;1+2=3;3+9=1 -> 3+9=2"."""
+    items = response.split(";")
+    for j, fix in enumerate(violations(prompt, response, principle)):
+        if fix is not None and (rng is None or rng.random() >= p_miss):
+            return ";".join(items[:j] + [f"{items[j]} -> {fix}"])
+    return response + " ok"
+
+
+def revise(prompt, response, critique_text, rng, p_err=P_ERR, p_blind=P_BLIND):
+    """The reviser: a critique that finds nothing leaves the response as it is; otherwise keep the items
+    the critique accepted, write its fix, and go on solving from there as the solver does (go_on)."""
+    if " -> " not in critique_text:
+        return response
+    head, fix = critique_text.rsplit(" -> ", 1)
+    kept, digits = head.split(";")[:-1], digits_of(prompt)
+    step = STEP.fullmatch(fix)
+    if not step:  # the fix is the answer (or not a step at all): the response ends with it
+        return ";".join(kept + [fix])
+    return go_on(kept + [fix], int(step.group(3)), digits[len(kept) + 2:], rng, p_err, p_blind)
+
+
+def faults(prompt, response):
+    """The rubric's count of faults: the items that break principle 0 (a wrong, extra or missing step),
+    plus one for a wrong final answer."""
+    return sum(f is not None for f in violations(prompt, response, 0)) + int(verify(prompt, response) == 0)
+
+
+def score(prompt, response, rng=None, p_miss=P_MISS):
+    """The pointwise judge: feedback.SCORE_MAX minus one point per fault (faults()), at least 0; with an rng
+    each fault is overlooked with probability p_miss. A correct response scores 5, one slip 3."""
+    seen = sum(1 for _ in range(faults(prompt, response)) if rng is None or rng.random() >= p_miss)
+    return max(0, feedback.SCORE_MAX - seen)
+
+
+def compare(prompt, a, b, principle, rng=None, p_miss=P_MISS):
+    """The pairwise judge: "A" if `a` breaks the principle fewer times than `b`, then (a tie) if it has
+    fewer faults; with an rng each broken item and fault is overlooked with probability p_miss and a
+    full tie is a coin flip; rng=None (the checker): None for a tie."""
+    def key(x):
+        seen = lambda count: sum(1 for _ in range(count) if rng is None or rng.random() >= p_miss)
+        return seen(sum(f is not None for f in violations(prompt, x, principle))), seen(faults(prompt, x))
+    ka, kb = key(a), key(b)
+    if ka == kb:
+        return None if rng is None else rng.choice("AB")
+    return "A" if ka < kb else "B"
+
+
+def skill_records(skills, n, seed=0, split="train"):
+    """Demonstrations of the feedback skills named in `skills` (a comma-separated subset of SKILLS; "solve"
+    is sft_records and is left out here), n per skill, as SFT records {"prompt", "response"}: the user
+    turn in feedback.py's format, the reply from the skill's flawed demonstrator. The responses given
+    feedback are demonstrator samples at twice the slip rate (as in the preference pairs); each request
+    draws its principle."""
+    out = []
+    for skill in [s for s in skills.split(",") if s and s != "solve"]:
+        if skill not in SKILLS:
+            raise ValueError(f"unknown skill {skill!r}; choose from {SKILLS}")
+        rng = random.Random(f"{skill}-{seed}-{split}")
+        for _ in range(n):
+            p = sample_prompt(rng, split)
+            r, k = demonstrate(p, rng, 2 * P_ERR), rng.randrange(len(CONSTITUTION))
+            if skill == "critique":
+                out.append({"prompt": feedback.critique_prompt(p, r, CONSTITUTION[k]), "response": critique(p, r, k, rng)})
+            elif skill == "revise":
+                c = critique(p, r, k, rng)
+                out.append({"prompt": feedback.revise_prompt(p, r, c), "response": revise(p, r, c, rng)})
+            elif skill == "compare":
+                b = demonstrate(p, rng, 2 * P_ERR)
+                out.append({"prompt": feedback.compare_prompt(p, r, b, CONSTITUTION[k]), "response": compare(p, r, b, k, rng)})
+            else:
+                out.append({"prompt": feedback.score_prompt(p, r), "response": str(score(p, r, rng))})
+    return out
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -20,6 +20,7 @@ Message text is encoded as ordinary text: a "<|end|>" typed by a user is just ch
 """
 import base64
 import hashlib
+import os
 
 import tiktoken
 import tiktoken.load  # a submodule `import tiktoken` does not load
@@ -89,7 +90,8 @@ def _sha256(path):
 
 def gpt2_tokenizer(path=None):
     """GPT-2's BPE. `path`: None for tiktoken's `gpt2` (downloads once, then cached), a `.tiktoken` file,
-    or a directory / `encoder.json` path with `encoder.json` and `vocab.bpe` side by side."""
+    or a directory / `encoder.json` path with `encoder.json` and `vocab.bpe` side by side (or, as a published
+    GPT-2 directory has them, `vocab.json` and `merges.txt`: the same two files under other names)."""
     if path is None:
         ranks = tiktoken.get_encoding("gpt2")._mergeable_ranks
     elif path.endswith(".tiktoken"):
@@ -101,6 +103,12 @@ def gpt2_tokenizer(path=None):
         # It reads through tiktoken's file cache, keyed by path only: pass the files' hashes so that a
         # stale cached copy of an earlier file at the same path is re-read, not used.
         bpe_file, json_file = folder + "vocab.bpe", folder + "encoder.json"
+        if not os.path.isfile(json_file) and os.path.isfile(folder + "vocab.json"):  # a GPT-2 directory as published:
+            bpe_file, json_file = folder + "merges.txt", folder + "vocab.json"  # the same two files, other names
+        for f in (bpe_file, json_file):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"GPT-2 tokenizer: no {f} (a folder needs encoder.json + vocab.bpe, "
+                                        f"or vocab.json + merges.txt)")
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(bpe_file, json_file, vocab_bpe_hash=_sha256(bpe_file),
                                                               encoder_json_hash=_sha256(json_file))
     specials = {"<|endoftext|>": 50256}

@@ -1,7 +1,7 @@
 """nanoalign.utils.configure: --key=value and config-file overrides of a script's config block."""
 import pytest
 
-from nanoalign.utils import configure
+from nanoalign.utils import ConfigError, configure
 
 SCRIPT = '''"""A script."""
 # ---- config
@@ -36,16 +36,16 @@ def test_config_file_is_parsed_not_executed(g, tmp_path):
     assert g["lr"] == 0.5
     evil = tmp_path / "evil.py"
     evil.write_text("import os\n")
-    with pytest.raises(SystemExit, match="only `key = literal`"):
+    with pytest.raises(ConfigError, match="only `key = literal`"):
         configure(g, [str(evil)])
 
 
 def test_errors_name_the_problem(g):
-    with pytest.raises(SystemExit, match="unknown config key 'stepz'"):
+    with pytest.raises(ConfigError, match="unknown config key 'stepz'"):
         configure(g, ["--stepz=1"])
-    with pytest.raises(SystemExit, match="steps must be int"):
+    with pytest.raises(ConfigError, match="steps must be int"):
         configure(g, ["--steps=1.5"])
-    with pytest.raises(SystemExit, match="expected --key=value"):
+    with pytest.raises(ConfigError, match="expected --key=value"):
         configure(g, ["--steps"])
 
 

@@ -323,7 +323,8 @@ def test_truncate_left_skips_response_that_alone_does_not_fit(capsys):
     """A response that cannot fit with at least one context token is skipped even under "left"."""
     # response "xyzuvw" + EOS = 7 trained tokens: fits in 8 (with <assistant>), not in 7
     assert len(data.tokenize_sft(TOK, [conv("abcdefghij", "xyzuvw")], 8, truncate="left")) == 1
-    assert data.tokenize_sft(TOK, [conv("abcdefghij", "xyzuvw")], 7, truncate="left") == []
+    with pytest.raises(DataError, match=re.escape("sft: no usable records (1 read, 1 skipped: 1 x too long)")):
+        data.tokenize_sft(TOK, [conv("abcdefghij", "xyzuvw")], 7, truncate="left")  # nothing left: an error
     assert "skipped 1 records: 1 x too long" in capsys.readouterr().out
 
 

@@ -314,7 +314,7 @@ def test_init_from_a_reward_model_checkpoint_gives_its_body(rm, tmp_path):
     from nanoalign.utils import init_model, save_checkpoint
     path = str(tmp_path / "rm.pt")
     save_checkpoint(path, rm, byte_tokenizer(), rm_kind="outcome")
-    body, tok = init_model(path, "gpt2", {}, "cpu")
+    body, tok = init_model(path, "", {}, "cpu")  # a checkpoint brings its own tokenizer
     assert isinstance(body, GPT) and tok.n_vocab == 261
     ours = rm.gpt.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in body.state_dict().items())
