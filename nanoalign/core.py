@@ -55,8 +55,9 @@ def lm_logprobs(h, weight, targets, temperature=1.0, with_entropy=False, chunk=2
     states through the LM head without ever holding the [N, V] logits. [N, C], [V, C], [N] -> [N] float32.
 
     Only the positions that are scored go in (gather them first: `h[mask]`), so prompt and padding
-    positions cost nothing. The logits are made `chunk` rows at a time, and each chunk runs under
-    activation checkpointing: its logits are freed after the forward and recomputed in the backward.
+    positions cost nothing. The logits are made `chunk` rows at a time, and when there is more than one
+    chunk each runs under activation checkpointing: its logits are freed after the forward and
+    recomputed in the backward.
     The peak is one chunk's [chunk, V] float32 logits (and their gradient) instead of the batch's; the
     values are those of `token_logprobs(h @ weight.T, targets)`. With GPT-2's 50,257-token vocabulary
     and chunk 2048 that is 0.4 GB at most, whatever the batch.
@@ -72,11 +73,13 @@ def lm_logprobs(h, weight, targets, temperature=1.0, with_entropy=False, chunk=2
         all_logp = F.log_softmax(logits, dim=-1)  # as entropy_from_logits computes it
         return logp, -(all_logp.exp() * all_logp).sum(-1)
 
-    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    # One chunk is kept for the backward as it is: recomputing it would cost a second LM-head pass and
+    # lower no peak (the backward holds one chunk's logits and gradient either way).
+    recompute = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and h.shape[0] > chunk
     logps, ents = [], []
     for i in range(0, h.shape[0], chunk):
         args = (h[i:i + chunk], targets[i:i + chunk])
-        lp, ent = torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False) if needs_grad else piece(*args)
+        lp, ent = torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args)
         logps.append(lp)
         ents.append(ent)
     if not logps:  # nothing scored
