@@ -46,6 +46,15 @@ Implementation details:
    <out_dir>/ckpt.pt, inside a round too (the checkpoint keeps the round's pairs and reference; pin the
    schedule with lr_decay_steps to extend an offline run). A NaN or inf loss or gradient norm stops the
    run naming the step; no checkpoint with NaN is written.
+8. The training basics (as in train_sft.py): `--init_from` a nanoalign checkpoint or a GPT-2 directory
+   (with `--tokenizer`); the reference comes from the same place. A step is batch_size x grad_accum
+   examples; each micro-batch's loss is its mean times its share of the step, so the gradients add up to
+   the mean over the whole step (KTO: z0 is computed over the whole step first). `--compile` compiles the
+   policy's training forward only; `--grad_ckpt` checkpoints its blocks' activations. `--lora_rank=r`
+   trains adapters only and the SFT reference is the policy with its adapters off (`GPT.frozen_base`, no
+   second copy; precomputed the same way); a round reference of online/SPIN is still a copy of the policy.
+   `--top_k` / `--top_p` filter every sample drawn; log-probs (KL, pairs) use the full softmax, as TRL's do:
+   the reference's filtered distribution need not contain the policy's token, and its KL would be infinite.
 
 Logged metrics (metrics.jsonl), with the usual names:
   loss                         the loss of the step (mean over pairs)
@@ -79,13 +88,15 @@ from tqdm import tqdm
 from nanoalign import data, feedback, losses, task
 from nanoalign.rewards import (implicit_rewards, logratios, outcome_scores, pair_accuracy, process_score,
                                response_logprobs, response_tokens, step_scores)
-from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint,
-                             restore_state, resume_checkpoint, resume_state, setup_device, step_generator, write_json)
+from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
+                             reference_model, restore_state, resume_checkpoint, resume_state, save_checkpoint,
+                             setup_device, step_generator, write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/dpo"  # checkpoint, metrics.jsonl and summary.json go here
 loss = "dpo"  # dpo, cdpo, robust, hinge, ipo, simpo, orpo, kto, rpo
-init_from = "out/sft/ckpt.pt"  # the policy to start from, and the reference
+init_from = "out/sft/ckpt.pt"  # the policy to start from, and the reference: a nanoalign .pt or a GPT-2 directory
+tokenizer = ""  # "": a checkpoint's own, GPT-2's for a GPT-2 dir (its vocab.json + merges.txt if there); "gpt2:/path"
 data_path = "builtin"  # "builtin", or a preference file (or an unpaired file for kto); online/spin: its prompts
 n_train = 20000  # builtin: training pairs (or unpaired examples for kto)
 on_error = "raise"  # malformed records: "raise" (error naming file:line) or "skip" (counted, reported)
@@ -107,7 +118,10 @@ judge = "gold"  # online: "gold" or "verify" (built-in task only), "self" (self-
 self_judgements = 3  # judge=self: sampled 0-5 scores averaged per response (feedback.pointwise_scores)
 ref_update = "round"  # online/spin: reference = the policy at the round's start ("round") or the SFT ("fixed")
 max_new_tokens = 48  # online/spin: the longest sampled response, in tokens
-batch_size = 32  # pairs (or unpaired examples) per step
+top_k = None  # every sample drawn (online/spin pairs, evaluation): keep the top_k most likely tokens (None: all)
+top_p = None  # every sample drawn: nucleus, the smallest set of tokens with this much probability (None: all)
+batch_size = 32  # pairs (or unpaired examples) per micro-batch
+grad_accum = 1  # micro-batches per optimizer step (a step: batch_size x grad_accum pairs)
 max_steps = 300  # optimizer steps
 lr = 1e-4  # peak learning rate
 min_lr = 1e-5  # learning rate at the end of the cosine decay
@@ -123,6 +137,11 @@ resume = False  # continue from <out_dir>/ckpt.pt if it exists (+ online/spin: t
 seed = 1337  # seeds data and sampling
 device = "auto"  # "auto", "cpu", "cuda", ...
 dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
+compile = False  # torch.compile the policy's training forward (sampling, the reference and saving: uncompiled)
+grad_ckpt = False  # activation checkpointing: recompute each block's activations in the backward (less memory)
+lora_rank = 0  # > 0: train LoRA adapters of this rank; the reference is then the policy with its adapters off
+lora_alpha = 16.0  # LoRA scale: the update is (lora_alpha / lora_rank) * B A
+lora_merge = True  # LoRA: fold the adapters into the weights of the final checkpoint (a plain GPT)
 # ---- end config
 config = configure(globals())
 LOSSES = ("dpo", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto", "rpo")
@@ -145,6 +164,7 @@ n_rounds = max(1, min(rounds, max_steps)) if ONLINE else 1
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 device, autocast, scaler = setup_device(device, dtype)
+sampling = dict(top_k=top_k, top_p=top_p)  # the sampler's filters, for every sample drawn (None: none)
 
 # parsed before the model is loaded, so a bad file fails at once (no torch RNG is used here)
 kind = "unpaired" if loss == "kto" else "preference"
@@ -154,8 +174,12 @@ elif not ONLINE:
     make = task.unpaired_records if loss == "kto" else task.preference_records
     records = data.normalise(make(n_train, seed), kind, "builtin-train")
 
-policy, tok, _ = load_checkpoint(init_from, device, expect="gpt", what="--init_from")
+policy, tok = init_model(init_from, tokenizer, {}, device, expect="gpt")
+if lora_rank:  # only the adapters train; the reference is the policy with them off (utils.reference_model)
+    policy.add_lora(lora_rank, lora_alpha)
+policy.grad_ckpt = grad_ckpt
 optimizer = policy.configure_optimizer(0.0, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
+train_policy = torch.compile(policy) if compile else policy  # the training forward only
 T = policy.config.block_size
 
 # -------------------------------------------------------------------------- data: token sequences
@@ -265,7 +289,7 @@ def make_pairs(r):
     k = 1 if spin else k_samples
     rows = [c for c in chunk for _ in range(k)]  # prompt i's samples are rows i*k .. i*k + k-1
     samples = task.sample_responses(policy, tok, [c[0] for c in rows], max_new_tokens=max_new_tokens, batch_size=256,
-                                    generator=torch.Generator(device=device).manual_seed(seed * 1000 + r))
+                                    generator=torch.Generator(device=device).manual_seed(seed * 1000 + r), **sampling)
     texts, ended = [s[0] for s in samples], [s[1] for s in samples]  # s[3]: the tokens exactly as sampled
     stats = {"round": r + 1, "round/eos_frac": sum(ended) / len(samples), "round/ref_update": ref_update}
     if data_path == "builtin":
@@ -302,7 +326,7 @@ def round_reference():
     SPIN) a copy of the policy as it starts the round. In the first round the two are the same model."""
     if ONLINE and ref_update == "round":
         return copy.deepcopy(policy).eval().requires_grad_(False)
-    return load_checkpoint(init_from, device)[0].eval().requires_grad_(False)
+    return reference_model(policy, init_from, tokenizer, device)  # LoRA: the policy with its adapters off
 
 
 def set_reference(model):
@@ -351,24 +375,35 @@ def reference_logps(idx):
         return seq_logps(ref_model, flat(idx))
 
 
-def compute_loss(idx):
-    """The loss of examples `idx` and the usual metrics."""
-    B = len(idx)
-    s, a = seq_logps(policy, flat(idx))
+def kto_z0(idx):
+    """KTO's z0 over all of a step's mismatched pairs, before its micro-batches (each would estimate its own)."""
+    with torch.no_grad():
+        return losses.kto_reference_point(seq_logps(policy, [seqs[i][1] for i in idx])[0], reference_logps(idx)[0][len(idx):])
+
+
+def compute_loss(idx, step_idx, z0=None):
+    """The loss of examples `idx` and the usual metrics, as their share of the step's examples `step_idx`: the
+    mean over `idx` times len(idx) / len(step_idx), so a step's micro-batches add up to its mean (with one, the
+    share is exactly 1; KTO's per-label means are shared by their label's counts). KTO: z0 given (kto_z0 of
+    the whole step), or that of `idx` itself."""
+    B, w = len(idx), len(idx) / len(step_idx)
+    s, a = seq_logps(train_policy, flat(idx))
     pc, pr, avg_c, avg_r = s[:B], s[B:], a[:B], a[B:]
     if REFERENCE_FREE:
         per = losses.simpo_loss(avg_c, avg_r, beta, gamma) if loss == "simpo" else \
             losses.orpo_loss(avg_c, avg_r, orpo_lambda)
-        return per.mean(), {"logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item()}
+        return per.mean() * w, {"logps/chosen": pc.mean().item() * w, "logps/rejected": pr.mean().item() * w}
     r_sum, r_avg = reference_logps(idx)
     rc, rr = r_sum[:B], r_sum[B:]
     if loss == "kto":  # first half: the examples; second half: the mismatched pairs
-        z0 = losses.kto_reference_point(pr, rr)
+        z0 = losses.kto_reference_point(pr, rr) if z0 is None else z0
         lab = labels[idx].to(device)
         per = losses.kto_loss(pc, rc, lab, z0, beta, kto_lambda_d, kto_lambda_u)
         reward = beta * (pc - rc).detach()
-        return per.mean(), {"kl_z0": z0.item(), "rewards/desirable": reward[lab].mean().item() if lab.any() else 0.0,
-                            "rewards/undesirable": reward[~lab].mean().item() if (~lab).any() else 0.0}
+        return per.mean() * w, {"kl_z0": z0.item() * w,
+                                **{f"rewards/{name}": reward[sel].mean().item() * (int(sel.sum()) / int(all_sel.sum()))
+                                   if sel.any() else 0.0 for name, sel, all_sel in (
+                                       ("desirable", lab, labels[step_idx]), ("undesirable", ~lab, ~labels[step_idx]))}}
     if loss == "ipo":  # length-normalised log-ratios
         per = losses.ipo_loss(avg_c, avg_r, r_avg[:B], r_avg[B:], beta)
     elif loss in ("dpo", "cdpo"):
@@ -380,25 +415,26 @@ def compute_loss(idx):
     else:  # rpo
         per = losses.rpo_loss(pc, pr, rc, rr, avg_c, beta, rpo_alpha)
     rew_c, rew_r = beta * (pc - rc).detach(), beta * (pr - rr).detach()
-    return per.mean(), {"rewards/chosen": rew_c.mean().item(), "rewards/rejected": rew_r.mean().item(),
-                        "rewards/accuracies": (rew_c > rew_r).float().mean().item(),
-                        "rewards/margins": (rew_c - rew_r).mean().item(),
-                        "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item()}
+    stats = {"rewards/chosen": rew_c.mean().item(), "rewards/rejected": rew_r.mean().item(),
+             "rewards/accuracies": (rew_c > rew_r).float().mean().item(), "rewards/margins": (rew_c - rew_r).mean().item(),
+             "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item()}
+    return per.mean() * w, {k: v * w for k, v in stats.items()}
 
 
 # -------------------------------------------------------------------------- evaluation
 eval_prompts = task.prompts(n_eval, seed, split="test")
-sft_samples = task.sample_responses(policy, tok, eval_prompts, generator=torch.Generator(device=device).manual_seed(seed))
+sft_samples = task.sample_responses(policy, tok, eval_prompts, generator=torch.Generator(device=device).manual_seed(seed),
+                                    **sampling)
 sft_gold = [task.gold(p, t) if e else 0.0 for p, (t, e, _, _) in zip(eval_prompts, sft_samples)]
 
 
 @torch.no_grad()
 def evaluate():
     samples = task.sample_responses(policy, tok, eval_prompts,
-                                    generator=torch.Generator(device=device).manual_seed(seed + 1))
+                                    generator=torch.Generator(device=device).manual_seed(seed + 1), **sampling)
     gold = [task.gold(p, t) if e else 0.0 for p, (t, e, _, _) in zip(eval_prompts, samples)]
     wins = sum(1.0 if g > s else 0.5 if g == s else 0.0 for g, s in zip(gold, sft_gold)) / len(gold)
-    reference = load_checkpoint(init_from, device)[0].eval()  # for the KL only, freed after
+    reference = reference_model(policy, init_from, tokenizer, device)  # for the KL only, freed after
     kl = logratios(policy, reference, [s[3] for s in samples], tok.pad_id)  # sum_t log pi/pi_ref, sampled tokens
     return {"eval/win_rate": wins, "eval/kl": kl.mean().item(), "eval/gold": sum(gold) / len(gold),
             "eval/length": sum(s[2] for s in samples) / len(samples)}
@@ -420,7 +456,8 @@ if ckpt:  # the SFT samples above came from init_from; from here on the policy i
 
 
 def save(done):
-    save_checkpoint(ckpt_path, policy, tok, step=steps_done, config=config, at_step=done, last_eval=metrics,
+    save_checkpoint(ckpt_path, policy, tok, merge_lora=lora_merge and done == max_steps, step=steps_done,
+                    config=config, at_step=done, last_eval=metrics,
                     evaluated_at=evaluated_at, round_log=round_log, **round_state(),
                     **resume_state(optimizer=optimizer, scaler=scaler, logger=logger))
 
@@ -447,18 +484,22 @@ for r in range(n_rounds):
         set_reference(round_reference())
     policy.train()
     for step in range(max(bounds[r], at), bounds[r + 1]):
-        idx = torch.randint(len(seqs), (batch_size,), generator=step_generator(seed, step)).tolist()
+        idx = torch.randint(len(seqs), (batch_size * grad_accum,), generator=step_generator(seed, step)).tolist()
         for g in optimizer.param_groups:
             g["lr"] = cosine_lr(step, lr, warmup_steps, lr_decay_steps or max_steps, min_lr)
-        loss_value, stats = compute_loss(idx)
-        scaler.scale(loss_value).backward()
-        grad_norm = optimizer_step(policy, optimizer, scaler, grad_clip, loss_value.item(), f"step {step + 1}")
+        z0 = kto_z0(idx) if loss == "kto" and grad_accum > 1 else None
+        loss_value, stats = 0.0, {}
+        for i in range(0, len(idx), batch_size):  # micro-batches: their gradients add up to the step's
+            part, part_stats = compute_loss(idx[i:i + batch_size], idx, z0)
+            scaler.scale(part).backward()
+            loss_value += part.item()
+            stats = {k: stats.get(k, 0.0) + v for k, v in part_stats.items()}
+        grad_norm = optimizer_step(policy, optimizer, scaler, grad_clip, loss_value, f"step {step + 1}")
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value.item():.3f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}")
         done, steps_done = step + 1, steps_done + 1
         if done % log_interval == 0:
-            logger.log(step=done, loss=loss_value.item(), grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
-                       **stats)
+            logger.log(step=done, loss=loss_value, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], **stats)
         if done % eval_interval == 0 or done == max_steps:
             policy.eval()
             metrics, evaluated_at = evaluate(), done
@@ -476,7 +517,7 @@ if evaluated_at != max_steps:  # the last round(s) had no pairs
 if data_path == "builtin":  # the policy as a reward model, on the pairs train_rm.py is measured on
     held_out = task.preference_records(n_eval_pairs, seed, split="test")
     msgs = [[{"role": "user", "content": p["prompt"]}] for p in held_out]
-    reference = load_checkpoint(init_from, device)[0].eval()
+    reference = reference_model(policy, init_from, tokenizer, device)
     r_c, r_r = (implicit_rewards(policy, reference, tok, msgs, [p[k] for p in held_out], beta)
                 for k in ("chosen", "rejected"))
     g_c, g_r = (torch.tensor([task.gold(p["prompt"], p[k]) for p in held_out]) for k in ("chosen", "rejected"))

@@ -17,7 +17,10 @@ Implementation details:
 1. Rollouts: `sampling.generate` with per-row EOS; the response mask includes the sampled EOS and
    excludes the padding after it. A response that hits max_new_tokens without EOS is "truncated".
 2. Log-probs (old, new, reference) are float32 and at the sampling temperature, for the response
-   tokens only, from one forward over [left-padded prompt | response] with the padding masked.
+   tokens only, from one forward over [left-padded prompt | response] with the padding masked. With
+   --top_k / --top_p the samples are drawn from the filtered distribution but their log-probs are those
+   of the full softmax (as TRL does): the reference's filtered set need not hold the sampled token (its
+   KL would be infinite), and the ratio to the old policy is the same kind of number either way.
 3. Advantages (`losses.group_advantages`): baseline "mean" (GRPO) or leave-one-out "loo" (RLOO);
    scale by the group std (GRPO), the batch std, or not at all (Dr. GRPO, RLOO).
 4. The clipped ratio against the old (sampling) policy, with eps_low / eps_high (DAPO's clip-higher).
@@ -30,6 +33,12 @@ Implementation details:
 8. Checkpoints every ckpt_interval steps and at the end; `--resume=True` continues exactly from
    <out_dir>/ckpt.pt (with the sampling generator and the prompt RNG). A NaN or inf loss or gradient
    norm stops the run naming the step; no checkpoint with NaN is written.
+9. The training basics (as in train_sft.py): `--init_from` a nanoalign checkpoint or a GPT-2 directory
+   (with `--tokenizer`), the reference loaded from the same place. `--grad_accum=n` splits each minibatch
+   into n micro-batches, each aggregated as its share of the minibatch's sequences (seq_mean, constant)
+   or real tokens (token_mean): one optimizer step per minibatch, the same gradient. `--compile` compiles
+   the training forward only; `--grad_ckpt` checkpoints the blocks' activations. `--lora_rank=r` trains
+   adapters only, and the reference (beta > 0) is the policy with its adapters off: no second copy.
 
 Logged metrics (metrics.jsonl):
   reward, reward_std          mean and std of the rollouts' total reward
@@ -54,12 +63,13 @@ from nanoalign.core import entropy_from_logits, pad, token_logprobs
 from nanoalign.losses import aggregate, clipped_surrogate, group_advantages, k3_kl
 from nanoalign.rewards import answer_reward, pass_at_k
 from nanoalign.sampling import generate
-from nanoalign.utils import (JsonlLogger, configure, load_checkpoint, optimizer_step, restore_state, resume_checkpoint,
-                             resume_state, save_checkpoint, setup_device, write_json)
+from nanoalign.utils import (JsonlLogger, configure, init_model, optimizer_step, reference_model, restore_state,
+                             resume_checkpoint, resume_state, save_checkpoint, setup_device, write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/grpo"  # checkpoint, metrics.jsonl and summary.json go here
-init_from = "out/sft/ckpt.pt"  # the policy to start from (a nanoalign checkpoint)
+init_from = "out/sft/ckpt.pt"  # the policy to start from (and the reference): a nanoalign .pt or a GPT-2 directory
+tokenizer = ""  # "": a checkpoint's own, GPT-2's for a GPT-2 dir (its vocab.json + merges.txt if there); "gpt2:/path"
 data_path = "builtin"  # "builtin" (the offline task) or a problem file (GSM8K question/answer JSONL)
 on_error = "raise"  # malformed records: "raise" (error naming file:line) or "skip" (counted, reported)
 truncate = "skip"  # prompts that leave no room for max_new_tokens: "skip" (counted) or "raise" (never cut)
@@ -69,6 +79,7 @@ group_size = 8  # G: responses sampled per prompt
 max_steps = 120  # rollout steps
 mu = 1  # gradient steps per batch of rollouts (1: on-policy)
 minibatches = 1  # minibatches per gradient pass over the rollouts
+grad_accum = 1  # micro-batches per minibatch (one optimizer step each minibatch, whatever the split)
 baseline = "mean"  # "mean" (GRPO, Dr. GRPO) or "loo" (RLOO)
 scale = "group"  # "group" (GRPO), "batch", or "none" (Dr. GRPO, RLOO)
 agg = "seq_mean"  # "seq_mean" (GRPO), "token_mean" (DAPO), or "constant" (Dr. GRPO)
@@ -78,6 +89,8 @@ beta = 0.0  # KL penalty coefficient (k3 to the reference); 0: the reference is 
 dynamic_sampling = False  # drop groups whose rewards are all equal from the update (DAPO)
 temperature = 1.0  # sampling temperature (log-probs use the same)
 max_new_tokens = 48  # longest response
+top_k = None  # rollouts and evaluation: sample from the top_k most likely tokens (None: all; log-probs: detail 2)
+top_p = None  # rollouts and evaluation: nucleus, the smallest set of tokens with this much probability (None: all)
 lr = 3e-4  # learning rate (constant after warmup)
 warmup_steps = 5  # linear warmup steps
 weight_decay = 0.0  # AdamW weight decay
@@ -91,6 +104,11 @@ resume = False  # continue from <out_dir>/ckpt.pt if it exists (policy, optimize
 seed = 1337  # seeds prompts and sampling
 device = "auto"  # "auto", "cpu", "cuda", ...
 dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
+compile = False  # torch.compile the policy's training forward (sampling, old/reference log-probs, saving: uncompiled)
+grad_ckpt = False  # activation checkpointing: recompute each block's activations in the backward (less memory)
+lora_rank = 0  # > 0: train LoRA adapters of this rank; the reference (beta > 0) is the policy with them off
+lora_alpha = 16.0  # LoRA scale: the update is (lora_alpha / lora_rank) * B A
+lora_merge = True  # LoRA: fold the adapters into the weights of the final checkpoint (a plain GPT)
 # ---- end config
 config = configure(globals())
 os.makedirs(out_dir, exist_ok=True)
@@ -105,9 +123,14 @@ if truncate not in ("skip", "raise"):  # cutting the start of a problem would ch
 problems = data.load(data_path, "problem", on_error)[0] if data_path != "builtin" else None
 
 # -------------------------------------------------------------------------- models
-policy, tok, _ = load_checkpoint(init_from, device, expect="gpt", what="--init_from")
-ref = load_checkpoint(init_from, device)[0].eval().requires_grad_(False) if beta > 0 else None
+policy, tok = init_model(init_from, tokenizer, {}, device, expect="gpt")
+if lora_rank:  # only the adapters train; the reference is the policy with them off (utils.reference_model)
+    policy.add_lora(lora_rank, lora_alpha)
+policy.grad_ckpt = grad_ckpt
+ref = reference_model(policy, init_from, tokenizer, device) if beta > 0 else None
 optimizer = policy.configure_optimizer(weight_decay, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
+train_policy = torch.compile(policy) if compile else policy  # the training forward only
+sampling = dict(top_k=top_k, top_p=top_p)  # the sampler's filters (None: none)
 
 # -------------------------------------------------------------------------- prompts and rewards
 T, skips = policy.config.block_size, data.Skips("skip")
@@ -176,7 +199,7 @@ def response_logprobs(model, prompt_ids, prompt_mask, resp, resp_mask, with_entr
 def evaluate():
     flat = [p for p in eval_prompts for _ in range(eval_k)]
     samples = task.sample_responses(policy, tok, flat, temperature=temperature, max_new_tokens=max_new_tokens,
-                                    generator=torch.Generator(device=device).manual_seed(seed + 1))
+                                    generator=torch.Generator(device=device).manual_seed(seed + 1), **sampling)
     ok = [pass_fn(p, t) if e else 0.0 for p, (t, e, _, _) in zip(flat, samples)]  # no EOS: unfinished, fails
     passed = [int(sum(ok[i * eval_k:(i + 1) * eval_k])) for i in range(len(eval_prompts))]
     metrics = {"eval/pass@1": sum(passed) / len(flat),
@@ -203,7 +226,8 @@ t0 = time.time()
 
 
 def save(step):
-    save_checkpoint(ckpt_path, policy, tok, step=step, config=config, start=start, last_eval=metrics,
+    save_checkpoint(ckpt_path, policy, tok, merge_lora=lora_merge and step == max_steps, step=step, config=config,
+                    start=start, last_eval=metrics,
                     **resume_state(optimizer=optimizer, scaler=scaler, gen=gen, prompt_rng=rng, logger=logger))
 
 
@@ -215,7 +239,7 @@ for step in bar:
     flat = [p for p in prompts for _ in range(group_size)]
     prompt_lists = [tok.render_prompt([{"role": "user", "content": p}]) for p in flat]
     resp, resp_mask = generate(policy, prompt_lists, max_new_tokens, tok.eos_id, tok.pad_id,
-                               temperature=temperature, generator=gen)
+                               temperature=temperature, generator=gen, **sampling)
     prompt_ids, prompt_mask = (t.to(device) for t in pad(prompt_lists, tok.pad_id, left=True))  # as generate did
     n_tok = resp_mask.sum(1)
     ended = (resp.gather(1, (n_tok - 1).clamp(min=0)[:, None]).squeeze(1) == tok.eos_id) & (n_tok > 0)
@@ -240,18 +264,26 @@ for step in bar:
     n_updates = 0
     for _ in range(mu if len(keep) else 0):
         for mb in keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed + step))].chunk(minibatches):
-            logp = response_logprobs(policy, prompt_ids[mb], prompt_mask[mb], resp[mb], resp_mask[mb])
-            token_loss, low, high = clipped_surrogate(logp, old_logp[mb], adv[mb], eps_low, eps_high)
-            if ref is not None:
-                kl = k3_kl(logp, ref_logp[mb])
-                token_loss = token_loss + beta * kl
-                stats["kl"] += aggregate(kl.detach(), resp_mask[mb], "token_mean").item()
-            loss = aggregate(token_loss, resp_mask[mb], agg, max_new_tokens)
-            scaler.scale(loss).backward()
-            stats["grad_norm"] += optimizer_step(policy, optimizer, scaler, grad_clip, loss.item(), f"step {step + 1}")
-            stats["loss"] += loss.item()
-            stats["clip_low"] += aggregate(low.float(), resp_mask[mb], "token_mean").item()
-            stats["clip_high"] += aggregate(high.float(), resp_mask[mb], "token_mean").item()
+            # micro-batches of the minibatch, each aggregated as its share of the minibatch's sequences (seq_mean,
+            # constant) or real tokens (token_mean): their gradients add up to the minibatch's (one: a share of 1)
+            n_seq, n_real, mb_loss = len(mb), max(1, int(resp_mask[mb].sum())), 0.0
+            for micro in mb.chunk(grad_accum):
+                w_seq, w_tok = len(micro) / n_seq, int(resp_mask[micro].sum()) / n_real
+                logp = response_logprobs(train_policy, prompt_ids[micro], prompt_mask[micro], resp[micro],
+                                         resp_mask[micro])
+                token_loss, low, high = clipped_surrogate(logp, old_logp[micro], adv[micro], eps_low, eps_high)
+                if ref is not None:
+                    kl = k3_kl(logp, ref_logp[micro])
+                    token_loss = token_loss + beta * kl
+                    stats["kl"] += aggregate(kl.detach(), resp_mask[micro], "token_mean").item() * w_tok
+                loss = aggregate(token_loss, resp_mask[micro], agg, max_new_tokens) * (w_tok if agg == "token_mean"
+                                                                                      else w_seq)
+                scaler.scale(loss).backward()
+                mb_loss += loss.item()
+                stats["clip_low"] += aggregate(low.float(), resp_mask[micro], "token_mean").item() * w_tok
+                stats["clip_high"] += aggregate(high.float(), resp_mask[micro], "token_mean").item() * w_tok
+            stats["grad_norm"] += optimizer_step(policy, optimizer, scaler, grad_clip, mb_loss, f"step {step + 1}")
+            stats["loss"] += mb_loss
             n_updates += 1
     stats = {k: v / max(1, n_updates) for k, v in stats.items()}
     if ref is None:

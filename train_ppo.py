@@ -33,7 +33,9 @@ Implementation details:
    sequence KL), or k3 (>= 0, lower variance) with kl_estimator="k3".
 4. Log-probs of the policy (old and new) and of the reference are float32 and at the sampling
    temperature; values are read at the same positions as the logits: V_t is the value of the state
-   before response token t.
+   before response token t. With --top_k / --top_p the rollouts are sampled from the filtered
+   distribution, but log-probs are those of the full softmax (as TRL does): the reference's filtered set
+   need not hold the sampled token, which would make the KL penalty infinite.
 5. Advantages: GAE(gamma, lambda) (`losses.gae`), returns = advantages + values; advantages are then
    whitened over the real tokens of the batch (optionally the rewards too, keeping their mean).
 6. Updates: ppo_epochs passes over shuffled minibatches; policy loss = clipped surrogate
@@ -52,6 +54,13 @@ Implementation details:
    <out_dir>/ckpt.pt: policy, critic, their optimizer, beta, the process judge's normalisation, the
    sampling generator and prompt RNG, the curves. A NaN or inf loss or gradient norm stops the run
    naming the iteration; no checkpoint with NaN is written.
+10. The training basics (as in train_sft.py): `--init_from` a nanoalign checkpoint or a GPT-2 directory
+   (with `--tokenizer`), the reference loaded from the same place. `--grad_accum=n` splits each minibatch
+   into n micro-batches whose token means are weighted by their share of the minibatch's real tokens:
+   one optimizer step per minibatch, the same gradient. `--compile` compiles the training forward of
+   policy and critic; `--grad_ckpt` checkpoints their blocks' activations (in eval mode too: it follows
+   whether gradients are recorded). `--lora_rank=r` trains the policy's adapters only (the critic, its
+   own network, trains fully), and the reference is the policy with its adapters off: no second copy.
 
 Logged metrics (metrics.jsonl, one line per iteration):
   rm, rm_std           mean and std of the reward model's score of the rollouts (normalised scale)
@@ -83,18 +92,21 @@ from nanoalign.heads import ScalarModel
 from nanoalign.losses import adaptive_kl_beta, clipped_surrogate, clipped_value_loss, gae, k3_kl
 from nanoalign.rewards import process_score, step_scores
 from nanoalign.sampling import generate
-from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, load_checkpoint, optimizer_step, save_checkpoint, setup_device,
-                             restore_state, resume_checkpoint, resume_state, write_json)
+from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, init_model, load_checkpoint, optimizer_step,
+                             reference_model, restore_state, resume_checkpoint, resume_state, save_checkpoint,
+                             setup_device, write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/ppo"  # checkpoint, metrics.jsonl, curves.csv and summary.json go here
-init_from = "out/sft/ckpt.pt"  # the policy to start from, and the frozen reference
+init_from = "out/sft/ckpt.pt"  # the policy to start from, and the frozen reference: a nanoalign .pt or a GPT-2 dir
+tokenizer = ""  # "": a checkpoint's own, GPT-2's for a GPT-2 dir (its vocab.json + merges.txt if there); "gpt2:/path"
 reward_model = "out/rm/ckpt.pt"  # a reward model from train_rm.py, outcome or process (detail 2)
 critic = "rm"  # "rm": a separate critic initialised from the reward model; "shared": a value head on the policy
 batch_size = 64  # prompts (one rollout each) per iteration
 max_iters = 100  # iterations (rollout + update)
 ppo_epochs = 4  # passes over each batch of rollouts
 minibatches = 4  # minibatches per pass
+grad_accum = 1  # micro-batches per minibatch (one optimizer step each minibatch, whatever the split)
 lr = 3e-5  # policy learning rate (constant after warmup)
 vf_lr = 1e-4  # critic learning rate (the value head's, with critic="shared")
 warmup_iters = 5  # linear warmup of both learning rates
@@ -113,6 +125,8 @@ whiten_rewards = False  # whiten the per-token rewards (keeping their mean) befo
 no_eos_score = -3.0  # score of a response that never emitted EOS (normalised RM units)
 temperature = 1.0  # sampling temperature (log-probs use the same)
 max_new_tokens = 48  # longest response
+top_k = None  # rollouts and evaluation: sample from the top_k most likely tokens (None: all; log-probs: detail 4)
+top_p = None  # rollouts and evaluation: nucleus, the smallest set of tokens with this much probability (None: all)
 grad_clip = 1.0  # clip the gradient norm of policy + critic (0: off)
 eval_interval = 25  # iterations between held-out evaluations
 n_eval = 256  # held-out prompts per evaluation
@@ -121,6 +135,11 @@ resume = False  # continue from <out_dir>/ckpt.pt if it exists (policy, critic, 
 seed = 1337  # seeds prompts and sampling
 device = "auto"  # "auto", "cpu", "cuda", ...
 dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
+compile = False  # torch.compile the training forward of policy and critic (rollouts, scoring, saving: uncompiled)
+grad_ckpt = False  # activation checkpointing of the policy's (and critic's) blocks in the backward (less memory)
+lora_rank = 0  # > 0: the policy trains LoRA adapters of this rank; the reference is the policy with them off
+lora_alpha = 16.0  # LoRA scale: the update is (lora_alpha / lora_rank) * B A
+lora_merge = True  # LoRA: fold the adapters into the weights of the final checkpoint (a plain GPT)
 # ---- end config
 config = configure(globals())
 assert critic in ("rm", "shared") and kl_estimator in ("k1", "k3"), (critic, kl_estimator)
@@ -130,8 +149,10 @@ device, autocast, scaler = setup_device(device, dtype)
 gen = torch.Generator(device=device).manual_seed(seed)
 
 # -------------------------------------------------------------------------- the four roles
-policy, tok, _ = load_checkpoint(init_from, device, expect="gpt", what="--init_from")
-ref = load_checkpoint(init_from, device)[0].eval().requires_grad_(False)
+policy, tok = init_model(init_from, tokenizer, {}, device, expect="gpt")
+if lora_rank:  # only the adapters train; the reference is the policy with them off (utils.reference_model)
+    policy.add_lora(lora_rank, lora_alpha)
+ref = reference_model(policy, init_from, tokenizer, device)
 rm, rm_tok, rm_ckpt = load_checkpoint(reward_model, device, expect="scalar", what="--reward_model")
 check_tokenizers(tok, rm_tok, f"--init_from={init_from}", f"--reward_model={reward_model}")
 rm.eval().requires_grad_(False)
@@ -151,8 +172,12 @@ else:
     value_model = ScalarModel(policy).to(device)  # shares the policy's GPT; only the head is new
     critic_params = list(value_model.head.parameters())
 policy.eval(), value_model.eval()  # dropout off everywhere (detail 6)
+policy.grad_ckpt = value_model.gpt.grad_ckpt = grad_ckpt  # eval mode does not turn it off: gradients do
+train_body = torch.compile(policy.body) if compile else policy.body  # the training forward only
+train_critic = torch.compile(value_model) if compile and value_model.gpt is not policy else value_model
+sampling = dict(top_k=top_k, top_p=top_p)  # the sampler's filters (None: none)
 trained = torch.nn.ModuleList([policy, value_model])  # for the gradient-norm clip
-optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": lr},
+optimizer = torch.optim.AdamW([{"params": [p for p in policy.parameters() if p.requires_grad], "lr": lr},
                                {"params": critic_params, "lr": vf_lr}], betas=(0.9, 0.99), weight_decay=0.0)
 base_lrs = [lr, vf_lr]
 train_prompts = task.prompts(20000, seed, split="train")
@@ -160,15 +185,16 @@ eval_prompts = task.prompts(n_eval, seed, split="test")
 user = lambda text: [{"role": "user", "content": text}]
 
 
-def forward(ids, mask, Tp, resp):
-    """Per-token log-probs, entropies and values of the response tokens, [B, N] each (detail 4)."""
+def forward(ids, mask, Tp, resp, train=False):
+    """Per-token log-probs, entropies and values of the response tokens, [B, N] each (detail 4). train=True: the
+    training forward (compiled with --compile)."""
     with autocast:
-        h = policy.body(ids, mask)
+        h = (train_body if train else policy.body)(ids, mask)
         logits = policy.lm_head(h[:, Tp - 1:-1])  # logits[t] predicts resp[t]
         if value_model.gpt is policy:  # shared body: only the value head is the critic's own
             values = value_model.head(h[:, Tp - 1:-1]).squeeze(-1).float()  # values[t]: the state before resp[t]
         else:
-            values = value_model(ids, mask)[:, Tp - 1:-1]
+            values = (train_critic if train else value_model)(ids, mask)[:, Tp - 1:-1]
     return token_logprobs(logits, resp, temperature), entropy_from_logits(logits, temperature), values
 
 
@@ -187,7 +213,7 @@ def judge(ids, mask, prompts, texts):
 @torch.no_grad()
 def evaluate():
     return {f"eval/{k}": v for k, v in task.evaluate(policy, tok, eval_prompts, temperature=temperature, seed=seed,
-                                                        max_new_tokens=max_new_tokens).items()}
+                                                        max_new_tokens=max_new_tokens, **sampling).items()}
 
 
 # -------------------------------------------------------------------------- training loop
@@ -210,7 +236,8 @@ t0 = time.time()
 
 def save(done):
     last = {k: stats[k] for k in ("rm", "gold", "kl", "beta", "len", "eos")} if done else None
-    save_checkpoint(ckpt_path, policy, tok, step=done, config=config, beta=beta, prm_norm=prm_norm, curves=curves,
+    save_checkpoint(ckpt_path, policy, tok, merge_lora=lora_merge and done == max_iters, step=done, config=config,
+                    beta=beta, prm_norm=prm_norm, curves=curves,
                     start=start, last_eval=metrics, last_iter=last, **resume_state(
                         critic=value_model, optimizer=optimizer, scaler=scaler, gen=gen, prompt_rng=rng, logger=logger))
 
@@ -221,7 +248,7 @@ for it in bar:
     prompts = [rng.choice(train_prompts) for _ in range(batch_size)]
     prompt_lists = [tok.render_prompt(user(p)) for p in prompts]
     resp, resp_mask = generate(policy, prompt_lists, max_new_tokens, tok.eos_id, tok.pad_id,
-                               temperature=temperature, generator=gen)
+                               temperature=temperature, generator=gen, **sampling)
     prompt_ids, prompt_mask = (t.to(device) for t in pad(prompt_lists, tok.pad_id, left=True))
     ids, mask = torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1)
     Tp, m = prompt_ids.shape[1], resp_mask.float()
@@ -251,21 +278,29 @@ for it in bar:
     for epoch in range(ppo_epochs):
         order = torch.randperm(batch_size, generator=torch.Generator().manual_seed(seed + 1000 * it + epoch))
         for mb in order.to(device).chunk(minibatches):
-            logp, ent_mb, values = forward(ids[mb], mask[mb], Tp, resp[mb])
-            mm = m[mb]
-            pg_tok, low, high = clipped_surrogate(logp, old_logp[mb], adv[mb], cliprange, cliprange)
-            pg_loss = masked_mean(pg_tok, mm)
-            vf_tok = clipped_value_loss(values, old_values[mb], returns[mb], cliprange_value)
-            vf_loss = masked_mean(vf_tok, mm)
-            loss = pg_loss + vf_coef * vf_loss - ent_coef * masked_mean(ent_mb, mm)
-            scaler.scale(loss).backward()
-            stats = {"grad_norm": optimizer_step(trained, optimizer, scaler, grad_clip, loss.item(), f"iter {it + 1}"),
-                     "pg_loss": pg_loss.item(),
-                     "vf_loss": vf_loss.item(),
-                     "approx_kl": masked_mean(0.5 * (logp.detach() - old_logp[mb]) ** 2, mm).item(),
-                     "clipfrac": masked_mean((low | high).float(), mm).item(),
-                     "vf_clipfrac": masked_mean(((values.detach() - old_values[mb]).abs() > cliprange_value).float(),
-                                                mm).item()}
+            # micro-batches of the minibatch, each's token means weighted by its share of the minibatch's real
+            # tokens: their gradients add up to the minibatch's (one micro-batch: a share of exactly 1)
+            n_real, mb_loss, mb_stats = max(1, int(m[mb].sum())), 0.0, {}
+            for micro in mb.chunk(grad_accum):
+                w = int(m[micro].sum()) / n_real
+                logp, ent_mb, values = forward(ids[micro], mask[micro], Tp, resp[micro], train=True)
+                mm = m[micro]
+                pg_tok, low, high = clipped_surrogate(logp, old_logp[micro], adv[micro], cliprange, cliprange)
+                pg_loss = masked_mean(pg_tok, mm)
+                vf_tok = clipped_value_loss(values, old_values[micro], returns[micro], cliprange_value)
+                vf_loss = masked_mean(vf_tok, mm)
+                loss = (pg_loss + vf_coef * vf_loss - ent_coef * masked_mean(ent_mb, mm)) * w
+                scaler.scale(loss).backward()
+                mb_loss += loss.item()
+                part = {"pg_loss": pg_loss.item(),
+                        "vf_loss": vf_loss.item(),
+                        "approx_kl": masked_mean(0.5 * (logp.detach() - old_logp[micro]) ** 2, mm).item(),
+                        "clipfrac": masked_mean((low | high).float(), mm).item(),
+                        "vf_clipfrac": masked_mean(((values.detach() - old_values[micro]).abs() > cliprange_value)
+                                                   .float(), mm).item()}
+                mb_stats = {k: mb_stats.get(k, 0.0) + v * w for k, v in part.items()}
+            stats = {"grad_norm": optimizer_step(trained, optimizer, scaler, grad_clip, mb_loss, f"iter {it + 1}"),
+                     **mb_stats}
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_updates += 1

@@ -34,6 +34,11 @@ Implementation details:
 8. Checkpoints every ckpt_interval steps (un-normalised) and at the end (normalised); `--resume=True`
    continues exactly from <out_dir>/ckpt.pt (pin the schedule with lr_decay_steps to extend a run). A
    NaN or inf loss or gradient norm stops the run naming the step; no checkpoint with NaN is written.
+9. A step is batch_size x grad_accum examples; each micro-batch's loss is its mean times its share of the
+   step (pairs, or steps for the process RM), so the gradients add up to the whole step's mean.
+   `--grad_ckpt=True` recomputes the body's block activations in the backward (same gradients; it saves
+   memory only where the body trains: top_blocks=0 or LoRA). `--lora_rank=r`: the body trains through
+   LoRA adapters (the head and new blocks fully); the final checkpoint has them merged (--lora_merge).
 
 Logged metrics (metrics.jsonl):
   loss, lr, grad_norm       training loss of the step, learning rate, gradient norm before clipping
@@ -81,7 +86,8 @@ truncate = "skip"  # sequences longer than block_size: "skip" (counted), "raise"
 margin = 0.0  # Bradley-Terry margin for pairs that carry no "margin" field
 center_coef = 0.0  # reward centering: + center_coef * mean((r_c + r_r)^2)
 top_blocks = 2  # outcome: new blocks between the (then frozen) body and the head, fed log p(token) (detail 7)
-batch_size = 32  # pairs (outcome) or responses (process) per step
+batch_size = 32  # pairs (outcome) or responses (process) per micro-batch
+grad_accum = 1  # micro-batches per optimizer step (a step: batch_size x grad_accum)
 max_steps = 600  # optimizer steps
 lr = 1e-3  # peak learning rate
 min_lr = 1e-4  # learning rate at the end of the cosine decay
@@ -100,6 +106,10 @@ seed = 1337  # seeds data and sampling
 device = "auto"  # "auto", "cpu", "cuda", ...
 dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
 compile = False  # torch.compile the model for training
+grad_ckpt = False  # activation checkpointing: recompute the body's block activations in the backward (less memory)
+lora_rank = 0  # > 0: the body trains through LoRA adapters of this rank (the head and new blocks train fully)
+lora_alpha = 16.0  # LoRA scale: the update is (lora_alpha / lora_rank) * B A
+lora_merge = True  # LoRA: fold the adapters into the weights of the final checkpoint
 # ---- end config
 config = configure(globals())
 assert kind in ("outcome", "process"), kind
@@ -126,8 +136,11 @@ gpt, tok = init_model(init_from, tokenizer, {}, device)
 if kind == "process":
     top_blocks = config["top_blocks"] = 0  # the process RM reads each step's result on the body (detail 4)
 rm = ScalarModel(gpt, top_blocks).to(device)
-if top_blocks:  # the body is frozen (and needs no backward pass); the new blocks and the head learn
+if lora_rank:  # the body's adapters train, not its weights (the head and any new blocks are new: they train)
+    gpt.add_lora(lora_rank, lora_alpha)
+elif top_blocks:  # the body is frozen (and needs no backward pass); the new blocks and the head learn
     rm.gpt.requires_grad_(False)
+gpt.grad_ckpt = grad_ckpt
 policy_path = policy or (init_from if init_from.endswith(".pt") else "")  # whose samples set the normalisation
 if kind == "outcome" and normalize and policy_path and \
         torch.load(policy_path, map_location="cpu", weights_only=True).get("kind") == "scalar":
@@ -215,8 +228,10 @@ def evaluate():
     return metrics
 
 
-def loss_on(batch):
-    """The loss and batch metrics of a list of training examples."""
+def loss_on(batch, n_total):
+    """The loss and batch metrics of some training examples, as their share of a step of n_total pairs (outcome)
+    or steps (process): the batch's mean times its count / n_total, so that a step's micro-batches add up to the
+    mean over the whole step, however it is split (with one micro-batch the share is exactly 1)."""
     if kind == "outcome":
         B = len(batch)
         ids, mask = pad([b[0] for b in batch] + [b[1] for b in batch], tok.pad_id)  # chosen then rejected
@@ -228,8 +243,8 @@ def loss_on(batch):
         p = torch.tensor([b[3] for b in batch], device=device)
         loss = bradley_terry_loss(r_c, r_r, m, center_coef) if bool((p == 1).all()) else \
             soft_bradley_terry_loss(r_c, r_r, p, m, center_coef)  # soft labels: a "p_chosen" field (detail 3)
-        loss = loss.mean()
-        return loss, {"acc": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item()}
+        w = B / n_total
+        return loss.mean() * w, {"acc": (r_c > r_r).float().mean().item() * w, "margin": (r_c - r_r).mean().item() * w}
     ids, _ = pad([b[0] for b in batch], tok.pad_id)
     S = max(len(b[1]) for b in batch)
     pos, step_mask = pad([b[1] for b in batch], 0, T=S)
@@ -240,7 +255,8 @@ def loss_on(batch):
     labels, step_mask = labels.to(device), step_mask.to(device)
     loss = process_reward_loss(step_logits, labels, step_mask)
     hit = ((step_logits > 0) == labels.bool()).float()
-    return loss, {"step_acc": ((hit * step_mask).sum() / step_mask.sum()).item()}
+    w = sum(len(b[1]) for b in batch) / max(1, n_total)  # this batch's steps / the step's
+    return loss * w, {"step_acc": ((hit * step_mask).sum() / step_mask.sum()).item() * w}
 
 
 # -------------------------------------------------------------------------- training loop
@@ -269,7 +285,8 @@ else:
 
 
 def save(step):
-    save_checkpoint(ckpt_path, rm, tok, step=step, config=config, rm_kind=kind, start=start, baseline=baseline,
+    save_checkpoint(ckpt_path, rm, tok, merge_lora=lora_merge and step == max_steps, step=step, config=config,
+                    rm_kind=kind, start=start, baseline=baseline,
                     last_eval=metrics, **resume_state(optimizer=optimizer, scaler=scaler, logger=logger))
 
 
@@ -277,16 +294,22 @@ t0 = time.time()
 rm.train()
 bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"rm-{kind}")
 for step in bar:
-    picks = torch.randint(len(train_set), (batch_size,), generator=step_generator(seed, step)).tolist()
+    picks = torch.randint(len(train_set), (batch_size * grad_accum,), generator=step_generator(seed, step)).tolist()
+    examples = [train_set[i] for i in picks]
+    n_total = len(examples) if kind == "outcome" else sum(len(b[1]) for b in examples)  # the loss's normaliser
     for g in optimizer.param_groups:
         g["lr"] = cosine_lr(step, lr, warmup_steps, lr_decay_steps or max_steps, min_lr)
-    loss, stats = loss_on([train_set[i] for i in picks])
-    scaler.scale(loss).backward()
-    grad_norm = optimizer_step(rm, optimizer, scaler, grad_clip, loss.item(), f"step {step + 1}")  # NaN: stop
-    bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in stats.items()})
+    loss, stats = 0.0, {}
+    for i in range(0, len(examples), batch_size):  # micro-batches: their gradients add up to the step's
+        part, part_stats = loss_on(examples[i:i + batch_size], n_total)
+        scaler.scale(part).backward()
+        loss += part.item()
+        stats = {k: stats.get(k, 0.0) + v for k, v in part_stats.items()}
+    grad_norm = optimizer_step(rm, optimizer, scaler, grad_clip, loss, f"step {step + 1}")  # NaN: stop
+    bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.2f}" for k, v in stats.items()})
     done = step + 1
     if done % log_interval == 0:
-        logger.log(step=done, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, **stats)
+        logger.log(step=done, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, **stats)
     if done % eval_interval == 0 or done == max_steps:
         metrics = evaluate()
         logger.log(step=done, **metrics)

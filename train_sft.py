@@ -20,7 +20,13 @@ Implementation details (a reader's checklist):
 5. AdamW (no weight decay on biases/LayerNorm), linear warmup + cosine decay, gradient clipping.
 6. AMP: bf16 autocast on GPUs that have it, else fp16 with a GradScaler; float32 on CPU by default.
 7. Evaluation samples responses to held-out prompts (split by prompt) and scores them with the
-   built-in task's gold scorer; `summary.json` has the start and final scores.
+   built-in task's gold scorer; `summary.json` has the start and final scores. At each evaluation a few
+   held-out prompts' samples go to `samples.jsonl` (step, prompt, response, ended), for file data too, so
+   you can read what the model says (their own generator: the metrics are unchanged).
+8. Memory: `--grad_ckpt=True` recomputes each block's activations in the backward (model.py, same
+   gradients); `--lora_rank=r` trains LoRA adapters only (a checkpoint keeps them, so a run resumes
+   exactly; the final one has them merged into the weights unless --lora_merge=False, and a later stage
+   starting from an unmerged one merges them first). `--top_k` / `--top_p` filter the evaluation samples.
 
 Logged metrics (metrics.jsonl, one JSON object per line):
   loss        completion-token cross-entropy of the step (nats/token)
@@ -31,6 +37,7 @@ Logged metrics (metrics.jsonl, one JSON object per line):
   pass        fraction of those responses with the correct final answer
   length      mean response length in tokens;  eos: fraction of responses that ended with EOS
 """
+import json
 import os
 import time
 
@@ -40,8 +47,9 @@ from tqdm import tqdm
 from nanoalign import data, task
 from nanoalign.core import pad, token_logprobs
 from nanoalign.losses import sft_loss
-from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
-                             restore_state, resume_state, save_checkpoint, setup_device, step_generator, write_json)
+from nanoalign.utils import (JsonlLogger, check_resumable, configure, cosine_lr, init_model, load_checkpoint,
+                             optimizer_step, restore_state, resume_state, save_checkpoint, setup_device, step_generator,
+                             write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 out_dir = "out/sft"  # checkpoint, metrics.jsonl and summary.json go here
@@ -72,6 +80,10 @@ beta2 = 0.99  # AdamW beta2
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_interval = 300  # steps between evaluations
 n_eval = 256  # held-out prompts sampled per evaluation (and for summary.json)
+n_samples = 4  # held-out prompts whose sampled responses go to <out_dir>/samples.jsonl at each evaluation
+sample_tokens = 128  # samples.jsonl: the longest sampled response, in tokens (within block_size)
+top_k = None  # evaluation sampling: keep the top_k most likely tokens (None: all)
+top_p = None  # evaluation sampling: nucleus, the smallest set of tokens with this much probability (None: all)
 log_interval = 10  # steps between metrics.jsonl lines
 ckpt_interval = 300  # steps between checkpoints (one is always written at the end)
 resume = False  # continue from <out_dir>/ckpt.pt if it exists (model, optimizer, scaler, step, RNG, log rows)
@@ -79,6 +91,10 @@ seed = 1337  # seeds data, initialisation and evaluation sampling
 device = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
 dtype = "auto"  # "auto", "float32", "bfloat16", "float16"
 compile = False  # torch.compile the model for training
+grad_ckpt = False  # activation checkpointing: recompute each block's activations in the backward (less memory)
+lora_rank = 0  # > 0: train LoRA adapters of this rank on the attention and MLP projections, not the weights
+lora_alpha = 16.0  # LoRA scale: the update is (lora_alpha / lora_rank) * B A
+lora_merge = True  # LoRA: fold the adapters into the weights of the final checkpoint (a plain GPT)
 # ---- end config
 config = configure(globals())
 os.makedirs(out_dir, exist_ok=True)
@@ -97,12 +113,18 @@ else:  # split by prompt: conversations that share a prompt are all train or all
     train_convs, val_convs = data.split_by_prompt(data.load(data_path, "sft", on_error)[0], val_frac, seed, data_path)
 
 # -------------------------------------------------------------------------- model and tokenizer
-if resuming:
+if resuming:  # a LoRA run's checkpoint brings its adapters back
     model, tok, ckpt = load_checkpoint(ckpt_path, device)
+    check_resumable(ckpt, ckpt_path)
 else:
     model, tok = init_model(init_from, tokenizer, dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                                                         block_size=block_size, dropout=dropout), device)
-print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, context {model.config.block_size}")
+    if lora_rank:  # only the adapters train
+        model.add_lora(lora_rank, lora_alpha)
+model.grad_ckpt = grad_ckpt
+print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, context {model.config.block_size}"
+      + (f", {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3f}M in LoRA adapters (trained)"
+         if model.lora_layers() else ""))
 
 # -------------------------------------------------------------------------- data: tokens
 src = "" if data_path == "builtin" else f"{data_path} "  # names the set in "no usable records" errors
@@ -111,6 +133,15 @@ val_set = data.tokenize_sft(tok, val_convs, model.config.block_size, truncate, s
 print(f"data: {len(train_set)} train and {len(val_set)} val conversations from {data_path}")
 eval_prompts = task.prompts(n_eval, seed, split="val")  # periodic evaluation
 test_prompts = task.prompts(n_eval, seed, split="test")  # summary.json
+if data_path == "builtin":  # samples.jsonl: what the model says to a few held-out prompts
+    sample_prompts = eval_prompts[:n_samples]
+else:  # the held-out conversations' prompts (all before the final reply), distinct, with room for an answer
+    sample_prompts = {}
+    for c in val_convs:
+        p = c["messages"][:-1]
+        if len(sample_prompts) < n_samples and len(tok.render_prompt(p)) < model.config.block_size:
+            sample_prompts.setdefault(json.dumps(p), p)
+    sample_prompts = list(sample_prompts.values())
 
 
 def batch_loss(model, examples, n_target_tokens):
@@ -132,7 +163,14 @@ def evaluate(step):
         total += batch_loss(train_model, val_set[i:i + batch_size], n).item()
     metrics = {"step": step, "val_loss": total}
     if data_path == "builtin":  # the gold scorer exists for the built-in task only
-        metrics.update(task.evaluate(model, tok, eval_prompts, seed=seed))
+        metrics.update(task.evaluate(model, tok, eval_prompts, seed=seed, top_k=top_k, top_p=top_p))
+    g = torch.Generator(device=device).manual_seed(seed)  # its own generator: the metrics above are unchanged
+    samples = task.sample_responses(model, tok, sample_prompts, max_new_tokens=sample_tokens, generator=g,
+                                    top_k=top_k, top_p=top_p) if sample_prompts else []
+    for p, (text, ended, _, _) in zip(sample_prompts, samples):
+        one_turn = isinstance(p, str) or len(p) == 1  # a single user turn is shown as its text
+        samples_log.log(step=step, prompt=p if isinstance(p, str) else p[0]["content"] if one_turn else p,
+                        response=text, ended=ended)
     model.train()
     return metrics
 
@@ -142,21 +180,23 @@ optimizer = model.configure_optimizer(weight_decay, lr, (beta1, beta2), "cuda" i
 train_model = torch.compile(model) if compile else model  # sampling and saving use the uncompiled `model`
 decay_steps = lr_decay_steps or max_steps
 logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"), append=resuming)
+samples_log = JsonlLogger(os.path.join(out_dir, "samples.jsonl"), append=resuming)  # step, prompt, response, ended
 start_step, start_eval = 0, None
 if resuming:  # the model came from the checkpoint above; the rest of the state now
-    restore_state(ckpt, optimizer=optimizer, scaler=scaler, logger=logger)
+    restore_state(ckpt, optimizer=optimizer, scaler=scaler, logger=logger, samples_log=samples_log)
     start_step, start_eval = ckpt["step"], ckpt["start_eval"]
     print(f"resumed from {ckpt_path} at step {start_step}")
 
 
 def save(step):
-    save_checkpoint(ckpt_path, model, tok, step=step, config=config, start_eval=start_eval,
-                    **resume_state(optimizer=optimizer, scaler=scaler, logger=logger))
+    save_checkpoint(ckpt_path, model, tok, merge_lora=lora_merge and step == max_steps, step=step, config=config,
+                    start_eval=start_eval, **resume_state(optimizer=optimizer, scaler=scaler, logger=logger,
+                                                          samples_log=samples_log))
 
 
 # -------------------------------------------------------------------------- training loop
 if start_eval is None and data_path == "builtin":
-    start_eval = task.evaluate(model, tok, test_prompts, seed=seed)
+    start_eval = task.evaluate(model, tok, test_prompts, seed=seed, top_k=top_k, top_p=top_p)
     print(f"start: held-out gold {start_eval['gold']:.3f}, pass {start_eval['pass']:.3f}")
 model.train()
 t0, tokens, last_eval = time.time(), 0, None
@@ -193,7 +233,7 @@ for step in bar:
 summary = {"steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
            "val_loss": (last_eval or evaluate(max_steps))["val_loss"]}
 if data_path == "builtin":
-    final_eval = task.evaluate(model, tok, test_prompts, seed=seed)
+    final_eval = task.evaluate(model, tok, test_prompts, seed=seed, top_k=top_k, top_p=top_p)
     summary.update({"n_test_prompts": len(test_prompts), "start": start_eval, "final": final_eval})
     print(f"held-out gold: start {start_eval['gold']:.3f} -> final {final_eval['gold']:.3f}; "
           f"pass: {start_eval['pass']:.3f} -> {final_eval['pass']:.3f}")

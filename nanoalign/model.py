@@ -9,6 +9,10 @@ so `GPT.from_pretrained(dir)` copies tensors by name. Two things are added to na
    padding side, padding amount or its batch neighbours. With mask=None the batch is treated as
    unpadded (right padding needs no mask either: causal attention never looks right).
 2. A KV cache for generation (`KVCache`): the same forward, fed the new tokens only.
+
+And two training aids: `GPT.grad_ckpt = True` recomputes each block's activations in the backward pass
+instead of keeping them (activation checkpointing), and LoRA adapters (`add_lora`, `merge_lora`, and the
+reference as the same network with its adapters off: `adapters_off`, `frozen_base`).
 """
 import json
 import math
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -162,6 +167,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    grad_ckpt = False  # True: activation checkpointing of the blocks whenever gradients are being recorded
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -204,8 +211,11 @@ class GPT(nn.Module):
         if int(pos.max()) >= self.config.block_size:
             raise ValueError(f"sequence of {int(pos.max()) + 1} tokens > block_size {self.config.block_size}")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        # grad_ckpt: keep only each block's input; its activations are recomputed in the backward pass (the
+        # same dropout mask: the RNG state is replayed). Off under no_grad (sampling, scoring): nothing to save.
+        ckpt = self.grad_ckpt and cache is None and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x, attn, cache)
+            x = torch.utils.checkpoint.checkpoint(block, x, attn, use_reentrant=False) if ckpt else block(x, attn, cache)
         if cache is not None:
             cache.t += T
         return self.transformer.ln_f(x)
@@ -249,6 +259,12 @@ class GPT(nn.Module):
         finally:
             for m in layers:
                 m.enabled = True
+
+    def frozen_base(self):
+        """The reference policy as a view of this LoRA policy: a module whose forward / body run this network with
+        its adapters off, in eval mode, with no gradient. It holds no weights of its own (nothing to copy, save
+        or train), so it is always the frozen start, however far the adapters have trained."""
+        return FrozenBase(self)
 
     # ---------------------------------------------------------------- optimizer
 
@@ -314,6 +330,50 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(self.config.n_embd, vocab_size, bias=False).to(old.device)
         self.lm_head.weight = self.transformer.wte.weight
         self.config.vocab_size = vocab_size
+
+
+class FrozenBase(nn.Module):
+    """GPT.frozen_base(): see there. Reads the policy's config, embedding and LM head (no adapters live there)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        object.__setattr__(self, "policy", policy)  # not a submodule: not in parameters() or state_dict()
+        self.config = policy.config
+
+    @property
+    def transformer(self):
+        return self.policy.transformer
+
+    @property
+    def lm_head(self):
+        return self.policy.lm_head
+
+    @torch.no_grad()
+    def body(self, idx, mask=None, cache=None):
+        was_training = self.policy.training
+        with self.policy.adapters_off():
+            self.policy.eval()
+            try:
+                return self.policy.body(idx, mask, cache)
+            finally:
+                self.policy.train(was_training)
+
+    @torch.no_grad()
+    def forward(self, idx, mask=None, cache=None):
+        return self.lm_head(self.body(idx, mask, cache))
+
+
+def merged_state_dict(module):
+    """module.state_dict() as it would be after GPT.merge_lora(): every adapter folded into its weight
+    (W + (alpha / r) B A, computed as LoRALinear.merge does) and the adapter tensors dropped. The module itself
+    is left as it is (still training its adapters). Works for a GPT or anything holding one (a ScalarModel)."""
+    sd = module.state_dict()
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            w = sd[name + ".weight"]
+            sd[name + ".weight"] = w + (m.lora_B @ m.lora_A).detach().to(w.dtype) * m.scale
+            del sd[name + ".lora_A"], sd[name + ".lora_B"]
+    return sd
 
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,

@@ -16,7 +16,7 @@ import torch
 
 from nanoalign.data import DataError
 from nanoalign.heads import ScalarModel
-from nanoalign.model import GPT, GPTConfig
+from nanoalign.model import GPT, GPTConfig, LoRALinear, merged_state_dict
 from nanoalign.tokenizer import get_tokenizer
 
 
@@ -123,6 +123,10 @@ CONFIG_CHECKS = {
     "on_error": (lambda v: v in ("raise", "skip"), "raise or skip"),
     "truncate": (lambda v: v in ("skip", "raise", "left"), "skip, raise or left"),
     "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+    "lora_rank": _NONNEG_INT,
+    "lora_alpha": _POSITIVE,
+    "top_k": _POSITIVE_INT,  # None (the default): no top-k filter
+    "top_p": (lambda v: 0 < v <= 1, "a number > 0 and <= 1"),
 }
 
 
@@ -211,15 +215,23 @@ def step_generator(seed, step):
 
 # ------------------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(path, model, tok, **extra):
+def save_checkpoint(path, model, tok, merge_lora=False, **extra):
     """model + its config + the tokenizer spec (+ optimizer, step, config, ... in `extra`, e.g. resume_state()).
     Written to a temporary file and renamed, so an interrupted save never leaves a broken checkpoint. A
     NaN or infinite tensor anywhere in it (weights, optimizer moments, ...) is refused, naming the tensor,
-    and nothing is written: the last good checkpoint at `path` survives."""
+    and nothing is written: the last good checkpoint at `path` survives.
+    A model with LoRA adapters is saved with them (load_checkpoint rebuilds them; a run resumes exactly), or,
+    with merge_lora=True (the end of a run, --lora_merge), with them folded into the weights: a plain model that
+    every stage and tool reads as any other (the live model keeps its adapters). Such a checkpoint is marked
+    "lora_merged" and cannot be resumed as a LoRA run (check_resumable)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
-    state = {"model": model.state_dict(), "model_config": asdict(model.config), "tokenizer": tok.spec, "kind": kind,
-             **({"top_blocks": len(model.top)} if kind == "scalar" else {}), **extra}
+    merge = merge_lora and any(isinstance(m, LoRALinear) for m in model.modules())
+    state = {"model": merged_state_dict(model) if merge else model.state_dict(),
+             "model_config": {**asdict(model.config), **({"lora_rank": 0} if merge else {})},
+             "tokenizer": tok.spec, "kind": kind, **({"top_blocks": len(model.top)} if kind == "scalar" else {}),
+             **({"lora_merged": {"rank": model.config.lora_rank, "alpha": model.config.lora_alpha}} if merge else {}),
+             **extra}
     bad = nonfinite_tensor(state)
     if bad:
         raise SystemExit(f"refusing to write {path}: {bad} is not finite (NaN or inf); the file there is kept")
@@ -267,6 +279,16 @@ def resume_checkpoint(path, resume, device="cpu"):
     script = os.path.basename(sys.argv[0])
     if ckpt.get("resume_script", script) != script:
         raise SystemExit(f"--resume: {path} was written by {ckpt['resume_script']}, not {script}; pick another out_dir")
+    return check_resumable(ckpt, path)
+
+
+def check_resumable(ckpt, path):
+    """A finished LoRA run whose adapters were merged into its weights (--lora_merge=True) has lost them: it is a
+    plain model now, not a state to continue. Refused, with what to do instead. -> ckpt."""
+    if ckpt.get("lora_merged"):
+        raise CheckpointError(f"--resume: {path} is the end of a LoRA run, its adapters merged into the weights "
+                              f"(--lora_merge=True), and cannot continue as one; start a new run from it "
+                              f"(--init_from={path}), or run with --lora_merge=False to keep a LoRA run extendable")
     return ckpt
 
 
@@ -334,21 +356,25 @@ def check_tokenizers(tok, other, what, other_what):
 GPT2_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def init_model(init_from, tokenizer, model_config, device):
+def init_model(init_from, tokenizer, model_config, device, expect=None):
     """The model a stage starts from: "scratch" (a new GPT of `model_config`), a nanoalign checkpoint
     (a .pt file), or a GPT-2 directory (config.json + model.safetensors / pytorch_model.bin).
     Returns (model, tokenizer). `tokenizer` "" picks the natural one: byte for scratch, GPT-2's for a
     GPT-2 directory (its own vocab.json + merges.txt when present, else tiktoken's), and a checkpoint's
-    own; a checkpoint brings its tokenizer, so another one asked for is refused, not ignored."""
+    own; a checkpoint brings its tokenizer, so another one asked for is refused, not ignored.
+    `expect="gpt"` refuses a reward-model checkpoint (a policy stage); otherwise one gives its body. The
+    LoRA adapters a checkpoint carries (a run with --lora_merge=False) are merged: they are part of the
+    model the stage starts from, and a stage with --lora_rank adds fresh ones on top."""
     if init_from == "scratch":
         tok = get_tokenizer(tokenizer or "byte")
         return GPT(GPTConfig(vocab_size=tok.n_vocab, **model_config)).to(device), tok
     if init_from.endswith(".pt"):
-        model, tok, _ = load_checkpoint(init_from, device, what="--init_from")
+        model, tok, _ = load_checkpoint(init_from, device, expect=expect, what="--init_from")
         if tokenizer and tokenizer.partition(":")[0] != tok.spec["kind"]:
             raise CheckpointError(f"--tokenizer={tokenizer}: the checkpoint --init_from={init_from} brings its own "
                                   f"{tok.spec['kind']} tokenizer; leave --tokenizer out")
-        return (model.gpt if isinstance(model, ScalarModel) else model), tok  # a reward model: its body
+        gpt = model.gpt if isinstance(model, ScalarModel) else model  # a reward model: its body
+        return (gpt.merge_lora() if gpt.lora_layers() else gpt), tok
     # a GPT-2 directory: check it before anything else (never reach for the network over a local mistake)
     if not os.path.isdir(init_from):
         raise CheckpointError(f"--init_from={init_from}: no such directory (expected 'scratch', a nanoalign .pt "
@@ -366,6 +392,15 @@ def init_model(init_from, tokenizer, model_config, device):
         tokenizer = f"gpt2:{init_from}" if own else "gpt2"
     tok = get_tokenizer(tokenizer)
     return GPT.from_pretrained(init_from, vocab_size=tok.n_vocab).to(device), tok
+
+
+def reference_model(policy, init_from, tokenizer, device):
+    """The frozen reference of a policy that started from `init_from` (DPO, KTO, PPO, GRPO), in eval mode with
+    no gradient: with LoRA, the policy itself with its adapters off (`GPT.frozen_base`: no second copy of the
+    weights, and exactly the start, since only the adapters train); else `init_from` loaded again."""
+    if policy.lora_layers():
+        return policy.frozen_base()
+    return init_model(init_from, tokenizer, {}, device)[0].eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------ logs

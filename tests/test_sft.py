@@ -160,7 +160,7 @@ def test_train_sft_on_a_file(tmp_path):
 
 def test_train_sft_from_a_gpt2_checkpoint(tmp_path):
     """init_from=<GPT-2 dir> with a gpt2:<file> tokenizer: the published layout is loaded, the vocabulary
-    grows by the chat special tokens, and training runs. (Tiny random weights and a bytes-only rank file.)"""
+    grows by the chat special tokens, and training runs. (Tiny random weights and a local rank file.)"""
     import base64
     from nanoalign.model import write_safetensors
     gpt2 = tmp_path / "gpt2"
@@ -177,7 +177,9 @@ def test_train_sft_from_a_gpt2_checkpoint(tmp_path):
                    "h.0.mlp.c_proj.weight": (4 * C, C), "h.0.mlp.c_proj.bias": (C,)})
     write_safetensors({k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}, gpt2 / "model.safetensors")
     ranks = tmp_path / "bytes.tiktoken"
-    ranks.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+    # every id the random model can sample (samples.jsonl) must decode: the 256 bytes and 50,000 two-byte tokens
+    pieces = [bytes([i]) for i in range(256)] + [bytes([i // 256, i % 256]) for i in range(50000)]
+    ranks.write_text("".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in enumerate(pieces)))
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(20)))
     run_sft(tmp_path / "out", f"--init_from={gpt2}", f"--tokenizer=gpt2:{ranks}", f"--data_path={sft}",
