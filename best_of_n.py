@@ -11,14 +11,13 @@ all RMs in --rms, a pessimistic ensemble: Coste et al. 2023), `process` (the PRM
 train_dpo.py started from), `gold` (the gold scorer itself: the ceiling). N = 1 is the policy alone.
 A response that never emitted EOS is unfinished: every judge ranks it last and its gold score is 0.
 """
-import json
 import os
 
 import torch
 
 from nanoalign import task
 from nanoalign.rewards import best_of_n, implicit_rewards, outcome_scores, process_score, step_scores
-from nanoalign.utils import CheckpointError, check_tokenizers, configure, load_checkpoint, setup_device
+from nanoalign.utils import CheckpointError, check_tokenizers, configure, load_checkpoint, setup_device, write_json
 
 # ---- config (override with --key=value or a config file; --help lists them)
 policy = "out/sft/ckpt.pt"  # the policy that samples the candidates
@@ -94,6 +93,5 @@ print("| --- | " + " | ".join("---:" for _ in Ns) + " |")
 for name, row in table.items():
     print(f"| {name} | " + " | ".join(f"{row[n]['gold']:.3f} ({row[n]['pass']:.0%})" for n in Ns) + " |")
 os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-with open(out, "w") as f:
-    json.dump({"config": config, "table": table}, f, indent=2)
+write_json(out, {"config": config, "table": table})  # strict JSON: a NaN would be written as null
 print(f"\nwrote {out}")
