@@ -179,7 +179,7 @@ if lora_rank:  # only the adapters train; the reference is the policy with them 
     policy.add_lora(lora_rank, lora_alpha)
 policy.grad_ckpt = grad_ckpt
 optimizer = policy.configure_optimizer(0.0, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
-train_policy = torch.compile(policy) if compile else policy  # the training forward only
+train_body = torch.compile(policy.body) if compile else policy.body  # the training forward only
 T = policy.config.block_size
 
 # -------------------------------------------------------------------------- data: token sequences
@@ -230,10 +230,10 @@ else:  # a pool of (prompt messages, prompt text for the task's scorers, demonst
           f"{data_path}, {what}, reference: {'the round start' if ref_update == 'round' else 'SFT'}")
 
 
-def seq_logps(model, batch_seqs):
+def seq_logps(model, batch_seqs, body=None):
     """Sum and mean of response-token log-probs of each (ids, response mask), in one forward. -> [N], [N]."""
     with autocast:
-        return response_logprobs(model, batch_seqs, tok.pad_id)
+        return response_logprobs(model, batch_seqs, tok.pad_id, body)
 
 
 def flat(idx):
@@ -387,7 +387,7 @@ def compute_loss(idx, step_idx, z0=None):
     share is exactly 1; KTO's per-label means are shared by their label's counts). KTO: z0 given (kto_z0 of
     the whole step), or that of `idx` itself."""
     B, w = len(idx), len(idx) / len(step_idx)
-    s, a = seq_logps(train_policy, flat(idx))
+    s, a = seq_logps(policy, flat(idx), train_body)
     pc, pr, avg_c, avg_r = s[:B], s[B:], a[:B], a[B:]
     if REFERENCE_FREE:
         per = losses.simpo_loss(avg_c, avg_r, beta, gamma) if loss == "simpo" else \

@@ -24,7 +24,8 @@ Implementation details:
 3. Advantages (`losses.group_advantages`): baseline "mean" (GRPO) or leave-one-out "loo" (RLOO);
    scale by the group std (GRPO), the batch std, or not at all (Dr. GRPO, RLOO).
 4. The clipped ratio against the old (sampling) policy, with eps_low / eps_high (DAPO's clip-higher).
-   With mu = 1 the ratio is exactly 1 and the gradient is REINFORCE with a group baseline.
+   With mu = 1 the ratio is exactly 1 and the gradient is REINFORCE with a group baseline; with one
+   minibatch too, the old log-probs are the training forward's own, detached (no separate pass).
 5. KL: beta * k3 per token to the frozen reference, inside the loss (GRPO). beta = 0 never loads it.
 6. Aggregation over tokens (`losses.aggregate`): per-sequence mean then mean (GRPO), token mean over
    the batch (DAPO), or a constant normaliser batch x max_new_tokens (Dr. GRPO).
@@ -59,7 +60,7 @@ import torch
 from tqdm import tqdm
 
 from nanoalign import data, task
-from nanoalign.core import entropy_from_logits, pad, token_logprobs
+from nanoalign.core import model_logprobs, pad, response_positions
 from nanoalign.losses import aggregate, clipped_surrogate, group_advantages, k3_kl
 from nanoalign.rewards import answer_reward, pass_at_k
 from nanoalign.sampling import generate
@@ -129,7 +130,7 @@ if lora_rank:  # only the adapters train; the reference is the policy with them 
 policy.grad_ckpt = grad_ckpt
 ref = reference_model(policy, init_from, tokenizer, device) if beta > 0 else None
 optimizer = policy.configure_optimizer(weight_decay, lr, (0.9, 0.99), "cuda" if "cuda" in device else "cpu")
-train_policy = torch.compile(policy) if compile else policy  # the training forward only
+train_body = torch.compile(policy.body) if compile else policy.body  # the training forward only
 sampling = dict(top_k=top_k, top_p=top_p)  # the sampler's filters (None: none)
 
 # -------------------------------------------------------------------------- prompts and rewards
@@ -184,15 +185,15 @@ def total_reward(prompt, response):
     return sum(w * reward_fns[n](prompt, response) for n, w in weights.items())
 
 
-def response_logprobs(model, prompt_ids, prompt_mask, resp, resp_mask, with_entropy=False):
-    """Per-token log-probs [B, N] (float32, at the sampling temperature) of the response tokens."""
+def response_logprobs(model, prompt_ids, prompt_mask, resp, resp_mask, with_entropy=False, body=None):
+    """Per-token log-probs [B, N] (float32, at the sampling temperature) of the response tokens, 0 on padding
+    (and their entropies, if asked). The LM head runs at the response tokens only (`core.model_logprobs`)."""
     ids = torch.cat([prompt_ids, resp], 1)
     mask = torch.cat([prompt_mask, resp_mask], 1)
     Tp = prompt_ids.shape[1]
     with autocast:
-        logits = model(ids, mask)[:, Tp - 1:-1]  # logits[t] predicts ids[t + 1]
-    logp = token_logprobs(logits, resp, temperature)
-    return (logp, entropy_from_logits(logits.detach(), temperature)) if with_entropy else logp
+        out = model_logprobs(model, ids, response_positions(mask, Tp), mask, temperature, with_entropy, body)
+    return tuple(x[:, Tp - 1:] for x in out) if with_entropy else out[:, Tp - 1:]
 
 
 @torch.no_grad()
@@ -252,9 +253,13 @@ for step in bar:
     keep = torch.arange(len(flat), device=device)
     if dynamic_sampling:
         keep = (~zero_std).repeat_interleave(group_size).nonzero().squeeze(1).to(device)
-    # 3) old (= sampling) log-probs, reference log-probs
+    # 3) old (= sampling) log-probs, reference log-probs. One pass over all the rollouts in one minibatch
+    # (mu = 1): the old policy is the one being trained, so its log-probs are taken from the training forward
+    # itself, detached (detail 4), and this no-grad pass is skipped
+    reuse_old = mu == 1 and minibatches == 1 and not dynamic_sampling and policy.config.dropout == 0
     with torch.no_grad():
-        old_logp, ent = response_logprobs(policy, prompt_ids, prompt_mask, resp, resp_mask, with_entropy=True)
+        old_logp, ent = (torch.zeros(resp.shape, device=device) for _ in "oe") if reuse_old else \
+            response_logprobs(policy, prompt_ids, prompt_mask, resp, resp_mask, with_entropy=True)
         ref_logp = response_logprobs(ref, prompt_ids, prompt_mask, resp, resp_mask) if ref is not None else None
     # 4) mu passes of clipped-surrogate updates over minibatches
     policy.train()
@@ -269,8 +274,11 @@ for step in bar:
             n_seq, n_real, mb_loss = len(mb), max(1, int(resp_mask[mb].sum())), 0.0
             for micro in mb.chunk(grad_accum):
                 w_seq, w_tok = len(micro) / n_seq, int(resp_mask[micro].sum()) / n_real
-                logp = response_logprobs(train_policy, prompt_ids[micro], prompt_mask[micro], resp[micro],
-                                         resp_mask[micro])
+                out = response_logprobs(policy, prompt_ids[micro], prompt_mask[micro], resp[micro], resp_mask[micro],
+                                        with_entropy=reuse_old, body=train_body)
+                logp = out[0] if reuse_old else out
+                if reuse_old:
+                    old_logp[micro], ent[micro] = logp.detach(), out[1].detach()
                 token_loss, low, high = clipped_surrogate(logp, old_logp[micro], adv[micro], eps_low, eps_high)
                 if ref is not None:
                     kl = k3_kl(logp, ref_logp[micro])

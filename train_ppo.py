@@ -86,10 +86,11 @@ import torch
 from tqdm import tqdm
 
 from nanoalign import task
-from nanoalign.core import (entropy_from_logits, masked_mean, masked_var, masked_whiten, pad, per_token_rewards,
-                            token_logprobs)
+from nanoalign.core import (masked_mean, masked_var, masked_whiten, model_logprobs, pad, per_token_rewards,
+                            response_positions, scored_logprobs)
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import adaptive_kl_beta, clipped_surrogate, clipped_value_loss, gae, k3_kl
+from nanoalign.model import fused_adamw
 from nanoalign.rewards import process_score, step_scores
 from nanoalign.sampling import generate
 from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, init_model, load_checkpoint, optimizer_step,
@@ -178,24 +179,26 @@ train_critic = torch.compile(value_model) if compile and value_model.gpt is not 
 sampling = dict(top_k=top_k, top_p=top_p)  # the sampler's filters (None: none)
 trained = torch.nn.ModuleList([policy, value_model])  # for the gradient-norm clip
 optimizer = torch.optim.AdamW([{"params": [p for p in policy.parameters() if p.requires_grad], "lr": lr},
-                               {"params": critic_params, "lr": vf_lr}], betas=(0.9, 0.99), weight_decay=0.0)
+                               {"params": critic_params, "lr": vf_lr}], betas=(0.9, 0.99), weight_decay=0.0,
+                              fused=fused_adamw(device))
 base_lrs = [lr, vf_lr]
 train_prompts = task.prompts(20000, seed, split="train")
 eval_prompts = task.prompts(n_eval, seed, split="test")
 user = lambda text: [{"role": "user", "content": text}]
 
 
-def forward(ids, mask, Tp, resp, train=False):
+def forward(ids, mask, Tp, train=False):
     """Per-token log-probs, entropies and values of the response tokens, [B, N] each (detail 4). train=True: the
     training forward (compiled with --compile)."""
+    scored = response_positions(mask, Tp)  # the LM head runs at the response tokens only
     with autocast:
         h = (train_body if train else policy.body)(ids, mask)
-        logits = policy.lm_head(h[:, Tp - 1:-1])  # logits[t] predicts resp[t]
+        logp, ent = (x[:, Tp - 1:] for x in scored_logprobs(h, policy.lm_head.weight, ids, scored, temperature, True))
         if value_model.gpt is policy:  # shared body: only the value head is the critic's own
             values = value_model.head(h[:, Tp - 1:-1]).squeeze(-1).float()  # values[t]: the state before resp[t]
         else:
             values = (train_critic if train else value_model)(ids, mask)[:, Tp - 1:-1]
-    return token_logprobs(logits, resp, temperature), entropy_from_logits(logits, temperature), values
+    return logp, ent, values
 
 
 @torch.no_grad()
@@ -260,8 +263,8 @@ for it in bar:
         # 2) the score at the EOS; 3) per-token rewards with the KL penalty
         no_eos = torch.full((batch_size,), no_eos_score, device=device)
         score = torch.where(ended, judge(ids, mask, prompts, texts), no_eos)
-        old_logp, ent, old_values = forward(ids, mask, Tp, resp)
-        ref_logp = token_logprobs(ref(ids, mask)[:, Tp - 1:-1], resp, temperature)
+        old_logp, ent, old_values = forward(ids, mask, Tp)
+        ref_logp = model_logprobs(ref, ids, response_positions(mask, Tp), mask, temperature)[:, Tp - 1:]
         kl_t = (old_logp - ref_logp if kl_estimator == "k1" else k3_kl(old_logp, ref_logp)) * m
         rewards = per_token_rewards(score, kl_t, m, beta)
         if whiten_rewards:
@@ -283,7 +286,7 @@ for it in bar:
             n_real, mb_loss, mb_stats = max(1, int(m[mb].sum())), 0.0, {}
             for micro in mb.chunk(grad_accum):
                 w = int(m[micro].sum()) / n_real
-                logp, ent_mb, values = forward(ids[micro], mask[micro], Tp, resp[micro], train=True)
+                logp, ent_mb, values = forward(ids[micro], mask[micro], Tp, train=True)
                 mm = m[micro]
                 pg_tok, low, high = clipped_surrogate(logp, old_logp[micro], adv[micro], cliprange, cliprange)
                 pg_loss = masked_mean(pg_tok, mm)

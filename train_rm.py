@@ -66,6 +66,7 @@ from nanoalign.core import gather_last, pad
 from nanoalign.feedback import soft_bradley_terry_loss
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import bradley_terry_loss, process_reward_loss
+from nanoalign.model import fused_adamw
 from nanoalign.rewards import (implicit_rewards, outcome_scores, pair_accuracy, process_score, response_tokens,
                                step_scores, step_tokens)
 from nanoalign.utils import (JsonlLogger, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
@@ -263,7 +264,7 @@ def loss_on(batch, n_total):
 params = [p for n, p in rm.named_parameters() if p.requires_grad and not n.startswith("head.")]
 optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                                {"params": [p for p in params if p.dim() < 2] + list(rm.head.parameters()),
-                                "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99), fused="cuda" in device)
+                                "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99), fused=fused_adamw(device))
 train_rm = torch.compile(rm) if compile else rm
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ckpt = resume_checkpoint(ckpt_path, resume, device)

@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from nanoalign import data, task
-from nanoalign.core import pad, token_logprobs
+from nanoalign.core import model_logprobs, pad
 from nanoalign.losses import sft_loss
 from nanoalign.utils import (JsonlLogger, check_resumable, configure, cosine_lr, init_model, load_checkpoint,
                              optimizer_step, restore_state, resume_state, save_checkpoint, setup_device, step_generator,
@@ -144,14 +144,13 @@ else:  # the held-out conversations' prompts (all before the final reply), disti
     sample_prompts = list(sample_prompts.values())
 
 
-def batch_loss(model, examples, n_target_tokens):
+def batch_loss(body, examples, n_target_tokens):
     """SFT loss of some examples: their completion-token NLL summed, / the step's completion tokens."""
     ids, _ = pad([e[0] for e in examples], tok.pad_id)
     loss_mask, _ = pad([e[1] for e in examples], 0)
     ids, loss_mask = ids.to(device), loss_mask.to(device)
-    with autocast:
-        logits = model(ids)  # right padding: no attention mask needed
-    logps = token_logprobs(logits[:, :-1], ids[:, 1:])  # float32; logits[t] predicts ids[t + 1]
+    with autocast:  # right padding: no attention mask needed; the LM head runs at completion tokens only
+        logps = model_logprobs(model, ids, loss_mask[:, 1:], body=body)  # float32; position t predicts ids[t + 1]
     return sft_loss(logps, loss_mask[:, 1:], n_target_tokens)
 
 
@@ -160,7 +159,7 @@ def evaluate(step):
     model.eval()
     total, n = 0.0, sum(sum(m[1:]) for _, m in val_set)
     for i in range(0, len(val_set), batch_size):
-        total += batch_loss(train_model, val_set[i:i + batch_size], n).item()
+        total += batch_loss(train_body, val_set[i:i + batch_size], n).item()
     metrics = {"step": step, "val_loss": total}
     if data_path == "builtin":  # the gold scorer exists for the built-in task only
         metrics.update(task.evaluate(model, tok, eval_prompts, seed=seed, top_k=top_k, top_p=top_p))
@@ -177,7 +176,7 @@ def evaluate(step):
 
 # -------------------------------------------------------------------------- optimizer, resume
 optimizer = model.configure_optimizer(weight_decay, lr, (beta1, beta2), "cuda" if "cuda" in device else "cpu")
-train_model = torch.compile(model) if compile else model  # sampling and saving use the uncompiled `model`
+train_body = torch.compile(model.body) if compile else model.body  # sampling and saving use the uncompiled `model`
 decay_steps = lr_decay_steps or max_steps
 logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"), append=resuming)
 samples_log = JsonlLogger(os.path.join(out_dir, "samples.jsonl"), append=resuming)  # step, prompt, response, ended
@@ -211,7 +210,7 @@ for step in bar:
     # 2) forward/backward each micro-batch, accumulating gradients
     loss_sum = 0.0
     for micro in range(grad_accum):
-        loss = batch_loss(train_model, examples[micro * batch_size:(micro + 1) * batch_size], n_target)
+        loss = batch_loss(train_body, examples[micro * batch_size:(micro + 1) * batch_size], n_target)
         scaler.scale(loss).backward()
         loss_sum += loss.item()
     # 3) clip and step

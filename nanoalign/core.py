@@ -39,7 +39,9 @@ def token_logprobs(logits, targets, temperature=1.0):
     the [B, T, V] log-prob tensor. Use the temperature the tokens were sampled at (policy-gradient
     ratios and KL terms are wrong otherwise).
     """
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:  # dividing by 1 would cost a pass over [B, T, V] for nothing
+        logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -89,19 +91,31 @@ def lm_logprobs(h, weight, targets, temperature=1.0, with_entropy=False, chunk=2
     return (logp, torch.cat(ents)) if with_entropy else logp
 
 
-def model_logprobs(model, ids, scored, mask=None, temperature=1.0, with_entropy=False):
-    """log p(ids[:, t + 1] | ids[:, :t + 1]) under a GPT, at the positions `scored` [B, T - 1] marks (the
-    targets that are trained or scored: response tokens) and 0 elsewhere, float32. [B, T] -> [B, T - 1]
-    (and the entropies, if asked). `mask` is the padding mask for `model.body` (None: right padding or
-    none). Equals `token_logprobs(model(ids, mask)[:, :-1], ids[:, 1:], temperature) * scored`, but the LM
-    head runs at the scored positions only, in chunks (`lm_logprobs`)."""
-    h = model.body(ids, mask)[:, :-1]
+def scored_logprobs(h, weight, ids, scored, temperature=1.0, with_entropy=False):
+    """log p(ids[:, t + 1] | ids[:, :t + 1]) from the hidden states h [B, T, C] of ids [B, T] and the LM head's
+    weight [V, C], at the positions `scored` [B, T - 1] marks and 0 elsewhere, float32 -> [B, T - 1] (and the
+    entropies, if asked). Equals `token_logprobs(h[:, :-1] @ weight.T, ids[:, 1:], temperature) * scored`,
+    but the LM head runs at the scored positions only, in chunks (`lm_logprobs`)."""
     sel = scored.bool()
     out = torch.zeros(sel.shape, dtype=torch.float32, device=ids.device)
-    res = lm_logprobs(h[sel], model.lm_head.weight, ids[:, 1:][sel], temperature, with_entropy)
+    res = lm_logprobs(h[:, :-1][sel], weight, ids[:, 1:][sel], temperature, with_entropy)
     if not with_entropy:
         return out.index_put((sel,), res)
     return out.index_put((sel,), res[0]), out.index_put((sel,), res[1])
+
+
+def response_positions(mask, Tp):
+    """The `scored` mask of `scored_logprobs` for [prompt | response] sequences: mask [B, T] of the real tokens,
+    the prompts in the first Tp slots -> [B, T - 1], true where position t predicts a real response token."""
+    return torch.cat([torch.zeros_like(mask[:, 1:Tp]), mask[:, Tp:]], 1)
+
+
+def model_logprobs(model, ids, scored, mask=None, temperature=1.0, with_entropy=False, body=None):
+    """`scored_logprobs` under a GPT: the log-probs [B, T - 1] of the targets that are trained or scored
+    (response tokens; 0 elsewhere). `mask` is the padding mask for the body (None: right padding or none);
+    `body` computes the hidden states (default `model.body`; the stages pass a torch.compile'd one)."""
+    h = (body or model.body)(ids, mask)
+    return scored_logprobs(h, model.lm_head.weight, ids, scored, temperature, with_entropy)
 
 
 def masked_sum(x, mask, dim=None):

@@ -15,19 +15,18 @@ it, and a reward head alone cannot learn it quickly from outcome labels (README,
 import torch
 import torch.nn as nn
 
-from nanoalign.core import gather_last, token_logprobs
+from nanoalign.core import gather_last, scored_logprobs
 from nanoalign.model import Block, positions_and_attention
 
 
 def input_logprobs(gpt, h, ids, mask=None):
     """log p(x_t | x_<t) of every token under `gpt`'s LM head, from its final hidden states h [B, T, C];
     0 where the token before is not a real one (the first token, any padding). [B, T], float32."""
-    lp = torch.zeros(ids.shape, device=ids.device)
-    lp[:, 1:] = token_logprobs(gpt.lm_head(h[:, :-1]), ids[:, 1:])
-    if mask is not None:
-        lp[:, 1:] = lp[:, 1:] * (mask[:, 1:].bool() & mask[:, :-1].bool())
-    lp[:, 0] = 0.0
-    return lp
+    B, T = ids.shape
+    both_real = torch.ones(B, T - 1, dtype=torch.bool, device=ids.device) if mask is None else \
+        mask[:, 1:].bool() & mask[:, :-1].bool()
+    lp = scored_logprobs(h, gpt.lm_head.weight, ids, both_real)  # chunked: never the [B, T, V] logits
+    return torch.cat([lp.new_zeros(B, 1), lp], 1)
 
 
 class ScalarModel(nn.Module):

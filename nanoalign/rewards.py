@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from nanoalign.core import pad, sequence_logprob, token_logprobs
+from nanoalign.core import model_logprobs, pad, sequence_logprob
 
 
 def response_tokens(tok, prompt, response):
@@ -19,14 +19,15 @@ def response_tokens(tok, prompt, response):
     return p + r, [0] * len(p) + [1] * len(r)
 
 
-def response_logprobs(model, seqs, pad_id):
+def response_logprobs(model, seqs, pad_id, body=None):
     """Sum and mean of the response-token log-probs of each (ids, response mask) from `response_tokens`,
     in one right-padded forward (no attention mask needed), float32. -> ([N], [N]). Differentiable: DPO
-    trains through it."""
+    trains through it. The LM head runs at the response tokens only (`core.model_logprobs`); `body` is
+    the function computing hidden states (default model.body)."""
     ids, _ = pad([s[0] for s in seqs], pad_id)
     m, _ = pad([s[1] for s in seqs], 0)
     ids, m = ids.to(model.lm_head.weight.device), m[:, 1:].to(model.lm_head.weight.device)
-    logp = token_logprobs(model(ids)[:, :-1], ids[:, 1:])
+    logp = model_logprobs(model, ids, m, body=body)
     return sequence_logprob(logp, m), sequence_logprob(logp, m, average=True)
 
 

@@ -24,6 +24,31 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
+def sample_token(logits, u, temperature=1.0, top_k=None, top_p=None):
+    """One token per row of logits [B, V], drawn by inverse CDF with the uniforms u [B] in [0, 1):
+
+        token = min { i : sum_{j <= i} p_j > u },   p = softmax(filter(logits / temperature))
+
+    which has probability exactly p_i for each i. It replaces torch.multinomial (most of a decode step's
+    time with a 50k vocabulary): one exp, one cumulative sum and a binary search per row. The cumulative
+    sum is in float64, so tokens with tiny probabilities keep their share; filtered-out tokens (weight 0)
+    are never drawn. The softmax is never normalised: u is scaled by the row's total instead."""
+    logits = logits.float()
+    if temperature != 1.0:  # dividing by 1 would cost a pass over [B, V] for nothing
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k, top_p)
+    cdf = (logits - logits.max(-1, keepdim=True).values).exp().cumsum(-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    x = torch.minimum(u.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+
+
+def sync_interval(device):
+    """How many decode steps pass between two checks that every row is done: each check is a host sync on a
+    GPU (the CPU waits for the device), and free on the CPU."""
+    return 1 if device.type == "cpu" else 8
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
              generator=None):
@@ -35,38 +60,45 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     Positions past block_size do not exist, so each row samples at most min(max_new_tokens,
     block_size - its prompt's length) tokens; a row that reaches its limit ends unfinished (no EOS)
     while the others go on. A prompt that leaves no room at all is a ValueError.
+
+    Reproducible with `generator`: all the uniforms a call may use, [B, max_new_tokens], are drawn up
+    front, so the generator's state afterwards depends only on the batch's shape, not on when rows
+    stopped. The loop asks the device whether every row is done only every `check_every` steps (each
+    ask is a host sync on a GPU); the steps past the end feed padding and are trimmed, so the result is
+    the same for any `check_every`.
     """
     was_training = model.training
     model.eval()
     device = model.transformer.wte.weight.device
+    longest = max(len(p) for p in prompts)
+    if longest >= model.config.block_size:
+        raise ValueError(f"prompt of {longest} tokens leaves no room in block_size {model.config.block_size}")
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    if int(lengths.max()) >= model.config.block_size:
-        raise ValueError(f"prompt of {int(lengths.max())} tokens leaves no room in block_size {model.config.block_size}")
     limit = (model.config.block_size - lengths).clamp(max=max_new_tokens)  # per row
-    max_new_tokens = int(limit.max())
+    max_new_tokens = min(max_new_tokens, model.config.block_size - min(len(p) for p in prompts))
     idx, mask = pad(prompts, pad_id, left=True)
     idx, mask = idx.to(device), mask.to(device)
     B, Tp = idx.shape
+    u = None if temperature == 0 else torch.rand(B, max_new_tokens, device=device, generator=generator)
+    check_every = sync_interval(device)
     cache = KVCache(model.config, B, Tp + max_new_tokens, device)
     logits = model.lm_head(model.body(idx, mask, cache)[:, -1])
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    n = 0
     for n in range(1, max_new_tokens + 1):
-        logits = logits.float()
         if temperature == 0:
-            nxt = logits.argmax(-1)
+            nxt = logits.float().argmax(-1)
         else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            nxt = sample_token(logits, u[:, n - 1], temperature, top_k, top_p)
         nxt = nxt.masked_fill(done, pad_id)
         out[:, n - 1], out_mask[:, n - 1] = nxt, ~done
         done = done | (nxt == eos_id) | (n >= limit)
-        if bool(done.all()) or n == max_new_tokens:
+        if n == max_new_tokens or (n % check_every == 0 and bool(done.all())):
             break
         # finished rows are fed as padding (mask 0), so their positions stop growing: a row that hit
         # its limit never reaches a position past block_size (what they compute is never read)
         logits = model.lm_head(model.body(nxt[:, None], ~done[:, None], cache)[:, -1])
     model.train(was_training)
+    n = int(out_mask.sum(1).max())  # the longest response: steps past it held padding only
     return out[:, :n], out_mask[:, :n]

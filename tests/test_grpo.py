@@ -144,3 +144,40 @@ def test_train_grpo_on_a_problem_file(tmp_path, sft_ckpt):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(out / "summary.json"))
     assert summary["n_eval_prompts"] == 4 and "eval/gold" not in summary["final"]
+
+
+def test_grpo_mu1_reuses_the_training_forward_for_the_old_logprobs(tmp_path):
+    """mu = 1, one minibatch: the old log-probs (and the logged entropy) are taken from the training forward,
+    detached, instead of a separate no-grad pass (detail 4). The run equals the one with the separate pass (a
+    copy of the script with the reuse switched off), step by step and in its final weights."""
+    src = open(os.path.join(ROOT, "train_grpo.py")).read()
+    line = "reuse_old = mu == 1 and minibatches == 1 and not dynamic_sampling and policy.config.dropout == 0"
+    assert line in src
+    slow = tmp_path / "train_grpo_separate_pass.py"
+    slow.write_text(src.replace(line, "reuse_old = False"))
+    # a model that has begun to learn the task's format (40 SFT steps) answers one-digit problems right often
+    # enough for the rewards, and so the gradient, to vary
+    sft = tmp_path / "sft"
+    r = subprocess.run([sys.executable, "train_sft.py", f"--out_dir={sft}", "--n_layer=1", "--n_head=2", "--n_embd=32",
+                        "--batch_size=16", "--n_train=400", "--n_eval=8", "--max_steps=40", "--lr=3e-3",
+                        "--eval_interval=1000", "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    problems = tmp_path / "digits.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"{i}+{i}+{i}", "answer": f"#### {3 * i % 10}"}) + "\n"
+                                for i in range(20)))
+    runs = {}
+    for name, script in (("reuse", os.path.join(ROOT, "train_grpo.py")), ("separate", str(slow))):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, script, f"--init_from={sft / 'ckpt.pt'}", f"--out_dir={out}", "--grad_accum=2",
+                            f"--data_path={problems}", "--prompts_per_step=2", "--group_size=8", "--max_steps=3",
+                            "--eval_interval=100", "--n_eval=2", "--eval_k=1", "--max_new_tokens=32", "--device=cpu"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = ([json.loads(l) for l in open(out / "metrics.jsonl") if '"reward"' in l],
+                      torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)["model"])
+    (fast, w_fast), (slow_rows, w_slow) = runs["reuse"], runs["separate"]
+    assert len(fast) == 3 and any(row["grad_norm"] > 0 for row in fast)
+    for a, b in zip(fast, slow_rows):
+        for key in ("reward", "loss", "grad_norm", "entropy", "clip_low", "clip_high"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert max((w_fast[k] - w_slow[k]).abs().max().item() for k in w_fast) < 1e-5

@@ -4,7 +4,7 @@ import torch
 
 from nanoalign.core import pad, token_logprobs
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.sampling import filter_logits, generate
+from nanoalign.sampling import filter_logits, generate, sample_token
 
 PAD, EOS = 0, 3
 
@@ -147,3 +147,44 @@ def test_sampling_temperature_matches_logprob_temperature():
     probs = token_logprobs(logits.expand(6, 1, 6), torch.arange(6)[:, None], T).exp().squeeze(-1)
     assert (freq - probs).abs().max() < 0.015
     assert (probs - token_logprobs(logits.expand(6, 1, 6), torch.arange(6)[:, None], 1.0).exp().squeeze(-1)).abs().max() > 0.05
+
+
+def test_inverse_cdf_sampler_hand_case():
+    """p = [0.5, 0.3, 0.15, 0.05]: the CDF is [0.5, 0.8, 0.95, 1.0], and u picks the first entry above it."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(7, 4)
+    u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.81, 0.96, 1 - 2 ** -24])
+    assert sample_token(logits, u).tolist() == [0, 0, 1, 1, 2, 3, 3]
+    # filtered-out tokens (weight 0) are never drawn, even at the edges of [0, 1)
+    cut = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4, 4)
+    assert sample_token(cut, torch.tensor([0.0, 0.62, 0.63, 1 - 2 ** -24]), top_k=2).tolist() == [0, 0, 1, 1]  # 0.5 / 0.8 = 0.625
+    zero_first = torch.tensor([[float("-inf"), 0.0, 0.0]])
+    assert sample_token(zero_first, torch.tensor([0.0])).tolist() == [1]
+
+
+def test_inverse_cdf_sampler_matches_the_distribution():
+    """At a temperature and with top-p, the empirical frequencies match the filtered softmax."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50, generator=g) * 2
+    n = 200_000
+    draws = sample_token(logits.expand(n, 50), torch.rand(n, generator=g), temperature=0.7, top_p=0.9)
+    freq = torch.bincount(draws, minlength=50).double() / n
+    p = filter_logits(logits / 0.7, top_p=0.9).softmax(-1)[0].double()
+    assert (freq - p).abs().max() < 0.005
+    assert freq[p == 0].sum() == 0
+
+
+def test_generate_leaves_the_generator_where_the_shape_says(model, monkeypatch):
+    """The uniforms are drawn up front: the generator's next draw does not depend on when rows stopped; and
+    checking for the end less often (as on a GPU) gives the same tokens, trimmed to the longest response."""
+    import nanoalign.sampling as sampling
+    prompts = [[5, 6], [7], [1, 2, 3]]
+    g = torch.Generator().manual_seed(3)
+    a = generate(model, prompts, 12, EOS, PAD, generator=g)
+    after = torch.rand(1, generator=g)
+    g2 = torch.Generator().manual_seed(3)
+    torch.rand(3, 12, generator=g2)
+    assert torch.equal(after, torch.rand(1, generator=g2))
+    monkeypatch.setattr(sampling, "sync_interval", lambda device: 5)
+    b = generate(model, prompts, 12, EOS, PAD, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[1][:, -1].any()  # trimmed: the last column holds a real token
