@@ -42,7 +42,9 @@ class Tokenizer:
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids, skip_special=True):
-        ids = [int(i) for i in ids]
+        # a model whose embedding has more rows than the vocabulary (padded for speed, or rows added for new
+        # tokens) can sample ids that no token has: they decode to nothing rather than crash an evaluation
+        ids = [int(i) for i in ids if 0 <= int(i) < self.n_vocab]
         if skip_special:
             ids = [i for i in ids if i < self.system_id or i > self.pad_id]
         return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")

@@ -73,6 +73,14 @@ def test_decode_skips_special_ids_unless_asked(tok):
 
 # ------------------------------------------------------------------ chat template
 
+def test_decode_drops_ids_past_the_vocabulary(tok):
+    """A model with more embedding rows than the tokenizer has ids (padded vocab) may sample one: it decodes
+    to nothing instead of raising inside an evaluation."""
+    ids = tok.encode("ab")
+    assert tok.decode(ids + [tok.n_vocab, tok.n_vocab + 40] + tok.encode("c")) == "abc"
+    assert tok.decode([tok.n_vocab], skip_special=False) == ""
+
+
 def test_render_three_messages_hand_built(tok):
     """render gives the exact ids and mask of a system/user/assistant conversation."""
     messages = [{"role": "system", "content": "Be"}, {"role": "user", "content": "Hi"},
