@@ -336,10 +336,12 @@ def set_reference(model):
     if ref == "live":
         ref_model = model
         return
-    chunks = []
+    # pairs per forward: at most 64, and at most twice the training micro-batch that was sized to fit memory (the
+    # float32 logits of 64 pairs of 1,024 GPT-2 tokens alone are 26 GB); the default run's chunks stay 64 pairs
+    chunks, n = [], min(64, 2 * batch_size)
     with torch.no_grad():
-        for i in tqdm(range(0, len(seqs), 64), desc="reference log-probs", leave=False):
-            idx = list(range(i, min(i + 64, len(seqs))))
+        for i in tqdm(range(0, len(seqs), n), desc="reference log-probs", leave=False):
+            idx = list(range(i, min(i + n, len(seqs))))
             chunks.append(torch.stack(seq_logps(model, flat(idx))).view(2, 2, -1).permute(2, 0, 1).cpu())
     ref_table = torch.cat(chunks)  # [N, (sum, mean), (first, second)]
     ref_model = None

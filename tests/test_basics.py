@@ -14,11 +14,13 @@ import torch
 
 from nanoalign.core import token_logprobs
 from nanoalign.heads import ScalarModel
-from nanoalign.model import GPT, GPTConfig, write_safetensors
+from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import generate
 from nanoalign.tokenizer import byte_tokenizer, get_tokenizer
 from nanoalign.utils import (CheckpointError, init_model, load_checkpoint, reference_model, resume_checkpoint,
                              save_checkpoint)
+
+from helpers import write_gpt2_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -245,20 +247,6 @@ def test_lora_dpo_trains_only_adapters_against_the_frozen_start(tmp_path, sft_ck
 
 
 # ------------------------------------------------------------------------------ GPT-2 directories, top-k
-
-def write_gpt2_dir(path, C=8, V=50257, P=128):
-    """A tiny random GPT-2 in the published layout (config.json + model.safetensors, Conv1D weights [in, out])."""
-    path.mkdir()
-    json.dump({"vocab_size": V, "n_positions": P, "n_embd": C, "n_layer": 1, "n_head": 2}, open(path / "config.json", "w"))
-    g = torch.Generator().manual_seed(0)
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
-              "h.0.ln_1.weight": (C,), "h.0.ln_1.bias": (C,), "h.0.ln_2.weight": (C,), "h.0.ln_2.bias": (C,),
-              "h.0.attn.c_attn.weight": (C, 3 * C), "h.0.attn.c_attn.bias": (3 * C,),
-              "h.0.attn.c_proj.weight": (C, C), "h.0.attn.c_proj.bias": (C,),
-              "h.0.mlp.c_fc.weight": (C, 4 * C), "h.0.mlp.c_fc.bias": (4 * C,),
-              "h.0.mlp.c_proj.weight": (4 * C, C), "h.0.mlp.c_proj.bias": (C,)}
-    write_safetensors({k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}, path / "model.safetensors")
-
 
 def test_dpo_grpo_ppo_start_from_a_gpt2_directory(tmp_path):
     """--init_from=<GPT-2 dir> --tokenizer=gpt2:<file> in the three policy stages (GRPO with a KL reference from

@@ -1,0 +1,42 @@
+"""Helpers shared by test files: a tiny random GPT-2 directory in the published layout, with or without its own
+tokenizer files."""
+import itertools
+import json
+import os
+
+import torch
+
+from nanoalign.model import write_safetensors
+
+
+def write_gpt2_dir(path, C=8, V=50257, P=128, n_layer=1, n_head=2, seed=0):
+    """A tiny random GPT-2 in the published layout (config.json + model.safetensors, Conv1D weights [in, out])."""
+    path.mkdir()
+    json.dump({"vocab_size": V, "n_positions": P, "n_embd": C, "n_layer": n_layer, "n_head": n_head},
+              open(path / "config.json", "w"))
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(n_layer):
+        shapes.update({f"h.{i}.{k}": s for k, s in {
+            "ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+            "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+            "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
+            "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}.items()})
+    write_safetensors({k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}, path / "model.safetensors")
+
+
+def write_gpt2_tokenizer_files(path, merges=(("Ġ", "t"), ("h", "e"), ("Ġt", "he")), n_merges=50000):
+    """vocab.json + merges.txt, as a published GPT-2 directory has them, for a made-up BPE with GPT-2's id layout:
+    the 256 byte tokens, `merges` first, then two-character filler merges up to `n_merges`, then <|endoftext|> at
+    50256 (with the default 50,000). Every id a random 50,257-row GPT-2 can sample then decodes, with no download.
+    -> the encoder (token string -> id)."""
+    from test_tokenizer import bytes_to_unicode, write_tiny_gpt2_vocab
+    alphabet, made = list(bytes_to_unicode().values()), {a + b for a, b in merges}
+    fillers = ((a, b) for a, b in itertools.product(alphabet, repeat=2) if a + b not in made)  # each a new token
+    merges = list(merges) + list(itertools.islice(fillers, n_merges - len(merges)))
+    encoder = write_tiny_gpt2_vocab(path, merges)
+    os.replace(path / "encoder.json", path / "vocab.json")  # the names a published GPT-2 directory uses
+    os.replace(path / "vocab.bpe", path / "merges.txt")
+    os.remove(path / "gpt2.tiktoken")
+    return encoder
