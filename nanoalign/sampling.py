@@ -7,6 +7,7 @@ per row through the cache. A row stops at its first EOS; its later slots are pad
 """
 import torch
 
+from nanoalign import dist
 from nanoalign.core import pad
 from nanoalign.model import KVCache
 
@@ -26,7 +27,7 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
-             generator=None):
+             generator=None, rows=None):
     """Sample a response for each prompt (a list of token-id lists).
 
     Returns (tokens [B, N], mask [B, N]) with N <= max_new_tokens: mask is 1 on each response's real
@@ -35,6 +36,11 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     Positions past block_size do not exist, so each row samples at most min(max_new_tokens,
     block_size - its prompt's length) tokens; a row that reaches its limit ends unfinished (no EOS)
     while the others go on. A prompt that leaves no room at all is a ValueError.
+    rows=(first, total): under torchrun each rank samples its share of one batch, these prompts being its rows
+    first .. first + B - 1 of `total`. Each step then draws the noise of the whole batch (torch.multinomial's
+    own method: argmax p / Exp(1) noise) and uses this share's rows, and the generator ends as one process's
+    would (the draws of the steps the other ranks are still sampling are drawn too): a row's tokens and the
+    generator's state do not depend on how the batch is split. A whole batch (total = B) samples as it did.
     """
     was_training = model.training
     model.eval()
@@ -47,6 +53,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     idx, mask = pad(prompts, pad_id, left=True)
     idx, mask = idx.to(device), mask.to(device)
     B, Tp = idx.shape
+    split = rows is not None and rows[1] != B and temperature != 0  # a share of a batch sampled by several ranks
     cache = KVCache(model.config, B, Tp + max_new_tokens, device)
     logits = model.lm_head(model.body(idx, mask, cache)[:, -1])
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -59,7 +66,11 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
             nxt = logits.argmax(-1)
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if split:  # what multinomial does on the whole batch, keeping this share's rows
+                noise = torch.empty(rows[1], probs.shape[-1], device=device).exponential_(1, generator=generator)
+                nxt = (probs / noise[rows[0]:rows[0] + B]).argmax(-1)
+            else:
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         nxt = nxt.masked_fill(done, pad_id)
         out[:, n - 1], out_mask[:, n - 1] = nxt, ~done
         done = done | (nxt == eos_id) | (n >= limit)
@@ -68,5 +79,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
         # finished rows are fed as padding (mask 0), so their positions stop growing: a row that hit
         # its limit never reaches a position past block_size (what they compute is never read)
         logits = model.lm_head(model.body(nxt[:, None], ~done[:, None], cache)[:, -1])
+    for _ in range(dist.all_reduce(n, "max") - n if split else 0):  # the steps the other ranks still sample
+        torch.empty(rows[1], logits.shape[-1], device=device).exponential_(1, generator=generator)
     model.train(was_training)
     return out[:, :n], out_mask[:, :n]
