@@ -85,7 +85,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import data, feedback, losses, task
+from nanoalign import data, dist, feedback, losses, task
 from nanoalign.rewards import (implicit_rewards, logratios, outcome_scores, pair_accuracy, process_score,
                                response_logprobs, response_tokens, step_scores)
 from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
@@ -340,7 +340,7 @@ def set_reference(model):
     # float32 logits of 64 pairs of 1,024 GPT-2 tokens alone are 26 GB); the default run's chunks stay 64 pairs
     chunks, n = [], min(64, 2 * batch_size)
     with torch.no_grad():
-        for i in tqdm(range(0, len(seqs), n), desc="reference log-probs", leave=False):
+        for i in tqdm(range(0, len(seqs), n), desc="reference log-probs", leave=False, disable=not dist.is_main()):
             idx = list(range(i, min(i + n, len(seqs))))
             chunks.append(torch.stack(seq_logps(model, flat(idx))).view(2, 2, -1).permute(2, 0, 1).cpu())
     ref_table = torch.cat(chunks)  # [N, (sum, mean), (first, second)]
@@ -378,9 +378,12 @@ def reference_logps(idx):
 
 
 def kto_z0(idx):
-    """KTO's z0 over all of a step's mismatched pairs, before its micro-batches (each would estimate its own)."""
+    """KTO's z0 over all of a step's mismatched pairs, before its micro-batches (each would estimate its own);
+    torchrun: each rank's share of them, gathered."""
+    mine = dist.shard(idx, "--batch_size")
     with torch.no_grad():
-        return losses.kto_reference_point(seq_logps(policy, [seqs[i][1] for i in idx])[0], reference_logps(idx)[0][len(idx):])
+        return losses.kto_reference_point(dist.all_gather_cat(seq_logps(policy, [seqs[i][1] for i in mine])[0]),
+                                          dist.all_gather_cat(reference_logps(mine)[0][len(mine):]))
 
 
 def compute_loss(idx, step_idx, z0=None):
@@ -465,7 +468,8 @@ def save(done):
 
 
 bounds = [max_steps * r // n_rounds for r in range(n_rounds + 1)]  # round r trains steps bounds[r] .. bounds[r+1]-1
-bar = tqdm(total=max_steps, initial=at, desc=loss if not ONLINE else f"{'online' if online else 'spin'} {loss}")
+bar = tqdm(total=max_steps, initial=at, desc=loss if not ONLINE else f"{'online' if online else 'spin'} {loss}",
+           disable=not dist.is_main())
 for r in range(n_rounds):
     if bounds[r + 1] <= at:  # trained before the checkpoint
         continue
@@ -473,7 +477,7 @@ for r in range(n_rounds):
     if inside:
         restore_round(ckpt)
     elif ONLINE:  # fresh pairs from the policy as it is now
-        seqs, stats = make_pairs(r)
+        seqs, stats = dist.broadcast_object(make_pairs(r))  # torchrun: every rank samples alike; rank 0's pairs for all
         round_log.append(stats)
         logger.log(step=bounds[r], **stats)
         bar.write(f"round {r + 1}: " + " ".join(f"{k[6:]} {v:.3f}" if isinstance(v, float) else f"{k[6:]} {v}"
@@ -489,13 +493,14 @@ for r in range(n_rounds):
         idx = torch.randint(len(seqs), (batch_size * grad_accum,), generator=step_generator(seed, step)).tolist()
         for g in optimizer.param_groups:
             g["lr"] = cosine_lr(step, lr, warmup_steps, lr_decay_steps or max_steps, min_lr)
-        z0 = kto_z0(idx) if loss == "kto" and grad_accum > 1 else None
+        z0 = kto_z0(idx) if loss == "kto" and (grad_accum > 1 or dist.world() > 1) else None
         loss_value, stats = 0.0, {}
         for i in range(0, len(idx), batch_size):  # micro-batches: their gradients add up to the step's
-            part, part_stats = compute_loss(idx[i:i + batch_size], idx, z0)
+            part, part_stats = compute_loss(dist.shard(idx[i:i + batch_size], "--batch_size"), idx, z0)  # rank's share
             scaler.scale(part).backward()
             loss_value += part.item()
             stats = {k: stats.get(k, 0.0) + v for k, v in part_stats.items()}
+        loss_value, stats = dist.all_reduce(loss_value), dist.all_reduce(stats)  # the ranks' shares added up
         grad_norm = optimizer_step(policy, optimizer, scaler, grad_clip, loss_value, f"step {step + 1}")
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}")

@@ -59,7 +59,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import data, task
+from nanoalign import data, dist, task
 from nanoalign.core import model_logprobs, pad, response_positions
 from nanoalign.losses import aggregate, clipped_surrogate, group_advantages, k3_kl
 from nanoalign.rewards import answer_reward, pass_at_k
@@ -232,15 +232,19 @@ def save(step):
                     **resume_state(optimizer=optimizer, scaler=scaler, gen=gen, prompt_rng=rng, logger=logger))
 
 
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="grpo")
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="grpo", disable=not dist.is_main())
 for step in bar:
-    # 1) rollouts: P prompts x G samples, with the current policy (= the old policy of this step)
+    # 1) rollouts: P prompts x G samples, with the current policy (= the old policy of this step). torchrun: each
+    # rank samples the groups of its share of the prompts, and the rollouts are gathered (the whole batch, as one
+    # process has it: advantages, batch scaling and statistics are computed on it)
     policy.eval()
     prompts = [rng.choice(train_prompts) for _ in range(prompts_per_step)]
     flat = [p for p in prompts for _ in range(group_size)]
     prompt_lists = [tok.render_prompt([{"role": "user", "content": p}]) for p in flat]
-    resp, resp_mask = generate(policy, prompt_lists, max_new_tokens, tok.eos_id, tok.pad_id,
-                               temperature=temperature, generator=gen, **sampling)
+    rows = dist.share(prompts_per_step, group_size, "--prompts_per_step")  # this rank's rollouts (all, alone)
+    resp, resp_mask = generate(policy, prompt_lists[rows], max_new_tokens, tok.eos_id, tok.pad_id,
+                               temperature=temperature, generator=gen, rows=(rows.start, len(flat)), **sampling)
+    resp, resp_mask = dist.all_gather_cat(resp, tok.pad_id), dist.all_gather_cat(resp_mask)
     prompt_ids, prompt_mask = (t.to(device) for t in pad(prompt_lists, tok.pad_id, left=True))  # as generate did
     n_tok = resp_mask.sum(1)
     ended = (resp.gather(1, (n_tok - 1).clamp(min=0)[:, None]).squeeze(1) == tok.eos_id) & (n_tok > 0)
@@ -253,14 +257,15 @@ for step in bar:
     keep = torch.arange(len(flat), device=device)
     if dynamic_sampling:
         keep = (~zero_std).repeat_interleave(group_size).nonzero().squeeze(1).to(device)
-    # 3) old (= sampling) log-probs, reference log-probs. One pass over all the rollouts in one minibatch
-    # (mu = 1): the old policy is the one being trained, so its log-probs are taken from the training forward
-    # itself, detached (detail 4), and this no-grad pass is skipped
+    # 3) old (= sampling) log-probs, reference log-probs (torchrun: of this rank's rollouts, gathered). One pass over
+    # all the rollouts in one minibatch (mu = 1): the old policy is the one being trained, so its log-probs are
+    # taken from the training forward itself, detached (detail 4), and this no-grad pass is skipped
     reuse_old = mu == 1 and minibatches == 1 and not dynamic_sampling and policy.config.dropout == 0
     with torch.no_grad():
+        mine = (prompt_ids[rows], prompt_mask[rows], resp[rows], resp_mask[rows])
         old_logp, ent = (torch.zeros(resp.shape, device=device) for _ in "oe") if reuse_old else \
-            response_logprobs(policy, prompt_ids, prompt_mask, resp, resp_mask, with_entropy=True)
-        ref_logp = response_logprobs(ref, prompt_ids, prompt_mask, resp, resp_mask) if ref is not None else None
+            map(dist.all_gather_cat, response_logprobs(policy, *mine, with_entropy=True))
+        ref_logp = dist.all_gather_cat(response_logprobs(ref, *mine)) if ref is not None else None
     # 4) mu passes of clipped-surrogate updates over minibatches
     policy.train()
     for g in optimizer.param_groups:
@@ -272,7 +277,9 @@ for step in bar:
             # micro-batches of the minibatch, each aggregated as its share of the minibatch's sequences (seq_mean,
             # constant) or real tokens (token_mean): their gradients add up to the minibatch's (one: a share of 1)
             n_seq, n_real, mb_loss = len(mb), max(1, int(resp_mask[mb].sum())), 0.0
-            for micro in mb.chunk(grad_accum):
+            for micro in dist.shard(mb, even=False).chunk(grad_accum):  # torchrun: this rank's share of it
+                if not len(micro):  # a minibatch smaller than the number of ranks
+                    continue
                 w_seq, w_tok = len(micro) / n_seq, int(resp_mask[micro].sum()) / n_real
                 out = response_logprobs(policy, prompt_ids[micro], prompt_mask[micro], resp[micro], resp_mask[micro],
                                         with_entropy=reuse_old, body=train_body)
@@ -290,9 +297,13 @@ for step in bar:
                 mb_loss += loss.item()
                 stats["clip_low"] += aggregate(low.float(), resp_mask[micro], "token_mean").item() * w_tok
                 stats["clip_high"] += aggregate(high.float(), resp_mask[micro], "token_mean").item() * w_tok
+            mb_loss = dist.all_reduce(mb_loss)  # the ranks' shares added up
             stats["grad_norm"] += optimizer_step(policy, optimizer, scaler, grad_clip, mb_loss, f"step {step + 1}")
             stats["loss"] += mb_loss
             n_updates += 1
+    stats.update(dist.all_reduce({k: stats[k] for k in ("clip_low", "clip_high", "kl")}))  # the ranks' shares
+    if reuse_old:
+        ent = dist.all_reduce(ent)  # torchrun: each rank filled the rows it trained on
     stats = {k: v / max(1, n_updates) for k, v in stats.items()}
     if ref is None:
         stats.pop("kl")

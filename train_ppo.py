@@ -85,7 +85,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import task
+from nanoalign import dist, task
 from nanoalign.core import (masked_mean, masked_var, masked_whiten, model_logprobs, pad, per_token_rewards,
                             response_positions, scored_logprobs)
 from nanoalign.heads import ScalarModel
@@ -208,8 +208,9 @@ def judge(ids, mask, prompts, texts):
     if not process_judge:
         return rm.reward(ids, mask)
     raw = torch.tensor([process_score(s) for s in step_scores(rm, tok, [user(p) for p in prompts], texts)])
-    if prm_norm is None:
-        prm_norm = (raw.mean().item(), raw.std().clamp(min=1e-6).item())
+    if prm_norm is None:  # torchrun: of the whole batch's scores
+        everyone = dist.all_gather_cat(raw)
+        prm_norm = (everyone.mean().item(), everyone.std().clamp(min=1e-6).item())
     return ((raw - prm_norm[0]) / prm_norm[1]).to(device)
 
 
@@ -245,13 +246,16 @@ def save(done):
                         critic=value_model, optimizer=optimizer, scaler=scaler, gen=gen, prompt_rng=rng, logger=logger))
 
 
-bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, desc="ppo")
+bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, desc="ppo", disable=not dist.is_main())
 for it in bar:
-    # 1) rollouts (detail 1)
+    # 1) rollouts (detail 1). torchrun: each rank samples (and scores, and runs the models on) its share, gathered:
+    # every rank holds the whole batch, as one process does (whitening, KL control, statistics: computed on it)
     prompts = [rng.choice(train_prompts) for _ in range(batch_size)]
     prompt_lists = [tok.render_prompt(user(p)) for p in prompts]
-    resp, resp_mask = generate(policy, prompt_lists, max_new_tokens, tok.eos_id, tok.pad_id,
-                               temperature=temperature, generator=gen, **sampling)
+    rows = dist.share(batch_size, what="--batch_size")  # this rank's rollouts (all of them, alone)
+    resp, resp_mask = generate(policy, prompt_lists[rows], max_new_tokens, tok.eos_id, tok.pad_id,
+                               temperature=temperature, generator=gen, rows=(rows.start, batch_size), **sampling)
+    resp, resp_mask = dist.all_gather_cat(resp, tok.pad_id), dist.all_gather_cat(resp_mask)
     prompt_ids, prompt_mask = (t.to(device) for t in pad(prompt_lists, tok.pad_id, left=True))
     ids, mask = torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1)
     Tp, m = prompt_ids.shape[1], resp_mask.float()
@@ -262,9 +266,10 @@ for it in bar:
     with torch.no_grad():
         # 2) the score at the EOS; 3) per-token rewards with the KL penalty
         no_eos = torch.full((batch_size,), no_eos_score, device=device)
-        score = torch.where(ended, judge(ids, mask, prompts, texts), no_eos)
-        old_logp, ent, old_values = forward(ids, mask, Tp)
-        ref_logp = model_logprobs(ref, ids, response_positions(mask, Tp), mask, temperature)[:, Tp - 1:]
+        score = torch.where(ended, dist.all_gather_cat(judge(ids[rows], mask[rows], prompts[rows], texts[rows])), no_eos)
+        old_logp, ent, old_values = map(dist.all_gather_cat, forward(ids[rows], mask[rows], Tp))
+        ref_logp = dist.all_gather_cat(model_logprobs(ref, ids[rows], response_positions(mask[rows], Tp), mask[rows],
+                                                      temperature)[:, Tp - 1:])
         kl_t = (old_logp - ref_logp if kl_estimator == "k1" else k3_kl(old_logp, ref_logp)) * m
         rewards = per_token_rewards(score, kl_t, m, beta)
         if whiten_rewards:
@@ -284,7 +289,7 @@ for it in bar:
             # micro-batches of the minibatch, each's token means weighted by its share of the minibatch's real
             # tokens: their gradients add up to the minibatch's (one micro-batch: a share of exactly 1)
             n_real, mb_loss, mb_stats = max(1, int(m[mb].sum())), 0.0, {}
-            for micro in mb.chunk(grad_accum):
+            for micro in dist.shard(mb, "the minibatch (--batch_size / --minibatches)").chunk(grad_accum):  # rank's
                 w = int(m[micro].sum()) / n_real
                 logp, ent_mb, values = forward(ids[micro], mask[micro], Tp, train=True)
                 mm = m[micro]
@@ -302,6 +307,7 @@ for it in bar:
                         "vf_clipfrac": masked_mean(((values.detach() - old_values[micro]).abs() > cliprange_value)
                                                    .float(), mm).item()}
                 mb_stats = {k: mb_stats.get(k, 0.0) + v * w for k, v in part.items()}
+            mb_loss, mb_stats = dist.all_reduce(mb_loss), dist.all_reduce(mb_stats)  # the ranks' shares added up
             stats = {"grad_norm": optimizer_step(trained, optimizer, scaler, grad_clip, mb_loss, f"iter {it + 1}"),
                      **mb_stats}
             for k, v in stats.items():
@@ -328,22 +334,23 @@ for it in bar:
         save(done)
 
 save(max_iters)
-with open(os.path.join(out_dir, "curves.csv"), "w") as f:
-    f.write("iter,kl,rm,gold\n" + "".join(f"{i},{k:.4f},{r:.4f},{g:.4f}\n" for i, k, r, g in curves))
-try:  # the picture is optional: matplotlib is not a dependency
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    kls = [c[1] for c in curves]
-    ax2 = ax.twinx()
-    dots = ax.plot(kls, [c[2] for c in curves], ".", alpha=0.5, label="reward model score (normalised)") + \
-        ax2.plot(kls, [c[3] for c in curves], ".", color="C1", alpha=0.5, label="gold score")
-    ax.set_xlabel("KL(policy || reference), nats"), ax.set_ylabel("RM score"), ax2.set_ylabel("gold score")
-    ax.legend(dots, [d.get_label() for d in dots], loc="center right")
-    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
-except ImportError:
-    pass
+if dist.is_main():  # torchrun: rank 0 writes the curves
+    with open(os.path.join(out_dir, "curves.csv"), "w") as f:
+        f.write("iter,kl,rm,gold\n" + "".join(f"{i},{k:.4f},{r:.4f},{g:.4f}\n" for i, k, r, g in curves))
+    try:  # the picture is optional: matplotlib is not a dependency
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        kls = [c[1] for c in curves]
+        ax2 = ax.twinx()
+        dots = ax.plot(kls, [c[2] for c in curves], ".", alpha=0.5, label="reward model score (normalised)") + \
+            ax2.plot(kls, [c[3] for c in curves], ".", color="C1", alpha=0.5, label="gold score")
+        ax.set_xlabel("KL(policy || reference), nats"), ax.set_ylabel("RM score"), ax2.set_ylabel("gold score")
+        ax.legend(dots, [d.get_label() for d in dots], loc="center right")
+        fig.tight_layout(), fig.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
+    except ImportError:
+        pass
 summary = {"iters": max_iters, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
            "n_eval_prompts": n_eval, "start": start, "final": metrics,
            "last_iter": {k: stats[k] for k in ("rm", "gold", "kl", "beta", "len", "eos")}}

@@ -61,7 +61,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import data, task
+from nanoalign import data, dist, task
 from nanoalign.core import gather_last, pad
 from nanoalign.feedback import soft_bradley_terry_loss
 from nanoalign.heads import ScalarModel
@@ -293,7 +293,7 @@ def save(step):
 
 t0 = time.time()
 rm.train()
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"rm-{kind}")
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"rm-{kind}", disable=not dist.is_main())
 for step in bar:
     picks = torch.randint(len(train_set), (batch_size * grad_accum,), generator=step_generator(seed, step)).tolist()
     examples = [train_set[i] for i in picks]
@@ -302,10 +302,11 @@ for step in bar:
         g["lr"] = cosine_lr(step, lr, warmup_steps, lr_decay_steps or max_steps, min_lr)
     loss, stats = 0.0, {}
     for i in range(0, len(examples), batch_size):  # micro-batches: their gradients add up to the step's
-        part, part_stats = loss_on(examples[i:i + batch_size], n_total)
+        part, part_stats = loss_on(dist.shard(examples[i:i + batch_size], "--batch_size"), n_total)  # rank's share
         scaler.scale(part).backward()
         loss += part.item()
         stats = {k: stats.get(k, 0.0) + v for k, v in part_stats.items()}
+    loss, stats = dist.all_reduce(loss), dist.all_reduce(stats)  # the ranks' shares added up
     grad_norm = optimizer_step(rm, optimizer, scaler, grad_clip, loss, f"step {step + 1}")  # NaN: stop
     bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.2f}" for k, v in stats.items()})
     done = step + 1

@@ -44,7 +44,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import data, task
+from nanoalign import data, dist, task
 from nanoalign.core import model_logprobs, pad
 from nanoalign.losses import sft_loss
 from nanoalign.utils import (JsonlLogger, check_resumable, configure, cosine_lr, init_model, load_checkpoint,
@@ -199,7 +199,7 @@ if start_eval is None and data_path == "builtin":
     print(f"start: held-out gold {start_eval['gold']:.3f}, pass {start_eval['pass']:.3f}")
 model.train()
 t0, tokens, last_eval = time.time(), 0, None
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="sft")
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="sft", disable=not dist.is_main())
 for step in bar:
     # 1) the step's examples, split into micro-batches; the loss normaliser is the whole step's count
     picks = torch.randint(len(train_set), (batch_size * grad_accum,), generator=step_generator(seed, step)).tolist()
@@ -207,12 +207,14 @@ for step in bar:
     n_target = sum(sum(m[1:]) for _, m in examples)
     for g in optimizer.param_groups:
         g["lr"] = cosine_lr(step, lr, warmup_steps, decay_steps, min_lr)
-    # 2) forward/backward each micro-batch, accumulating gradients
+    # 2) forward/backward each micro-batch, accumulating gradients (torchrun: each rank its share of each one)
     loss_sum = 0.0
     for micro in range(grad_accum):
-        loss = batch_loss(train_body, examples[micro * batch_size:(micro + 1) * batch_size], n_target)
+        mine = dist.shard(examples[micro * batch_size:(micro + 1) * batch_size], "--batch_size")
+        loss = batch_loss(train_body, mine, n_target)
         scaler.scale(loss).backward()
         loss_sum += loss.item()
+    loss_sum = dist.all_reduce(loss_sum)  # the step's loss: the ranks' shares added up
     # 3) clip and step
     grad_norm = optimizer_step(model, optimizer, scaler, grad_clip, loss_sum, f"step {step + 1}")  # NaN: stop
     tokens += sum(len(e[0]) for e in examples)

@@ -52,7 +52,7 @@ def sync_interval(device):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
-             generator=None):
+             generator=None, rows=None):
     """Sample a response for each prompt (a list of token-id lists).
 
     Returns (tokens [B, N], mask [B, N]) with N <= max_new_tokens: mask is 1 on each response's real
@@ -63,10 +63,13 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     while the others go on. A prompt that leaves no room at all is a ValueError.
 
     Reproducible with `generator`: all the uniforms a call may use, [B, max_new_tokens], are drawn up
-    front, so the generator's state afterwards depends only on the batch's shape, not on when rows
+    front, so the generator's state afterwards depends only on the call's arguments, not on when rows
     stopped. The loop asks the device whether every row is done only every `check_every` steps (each
     ask is a host sync on a GPU); the steps past the end feed padding and are trimmed, so the result is
     the same for any `check_every`.
+    rows=(first, total): under torchrun each rank samples its share of one batch, these prompts being its
+    rows first .. first + B - 1 of `total`. The uniforms of the whole batch are drawn and this share's rows
+    used, so a row's tokens and the generator's state do not depend on how the batch is split.
     """
     was_training = model.training
     model.eval()
@@ -76,11 +79,13 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
         raise ValueError(f"prompt of {longest} tokens leaves no room in block_size {model.config.block_size}")
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     limit = (model.config.block_size - lengths).clamp(max=max_new_tokens)  # per row
-    max_new_tokens = min(max_new_tokens, model.config.block_size - min(len(p) for p in prompts))
+    requested, max_new_tokens = max_new_tokens, min(max_new_tokens, model.config.block_size - min(map(len, prompts)))
     idx, mask = pad(prompts, pad_id, left=True)
     idx, mask = idx.to(device), mask.to(device)
     B, Tp = idx.shape
-    u = None if temperature == 0 else torch.rand(B, max_new_tokens, device=device, generator=generator)
+    first, total = rows or (0, B)
+    # the requested max_new_tokens, not this share's limit: every rank draws the same [total, N] uniforms
+    u = None if temperature == 0 else torch.rand(total, requested, device=device, generator=generator)[first:first + B]
     check_every = sync_interval(device)
     cache = KVCache(model.config, B, Tp + max_new_tokens, device)
     logits = model.lm_head(model.body(idx, mask, cache)[:, -1])

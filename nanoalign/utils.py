@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 import torch
 
+from nanoalign import dist
 from nanoalign.data import DataError
 from nanoalign.heads import ScalarModel
 from nanoalign.model import GPT, GPTConfig, LoRALinear, merged_state_dict
@@ -156,9 +157,11 @@ def check_config(config):
 
 def setup_device(device, dtype):
     """-> (device, autocast context, GradScaler). dtype "auto": bf16 on GPUs that support it, else
-    fp16 with a GradScaler; float32 on CPU (bf16 on CPU works, but is rarely faster)."""
+    fp16 with a GradScaler; float32 on CPU (bf16 on CPU works, but is rarely faster). Under torchrun this
+    process joins the job here (dist.setup: NCCL on GPUs, each rank on cuda:LOCAL_RANK; gloo on CPU)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = dist.setup(device)[2]
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     if dtype == "auto":
         dtype = "float32" if dev_type == "cpu" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -194,9 +197,11 @@ def optimizer_step(model, optimizer, scaler, grad_clip, loss=None, where="step")
     """Unscale (fp16), clip the gradient norm (0: no clipping), step, zero. Returns the norm before clipping.
     A non-finite `loss` (the value just backpropagated) or gradient norm stops training first (check_finite;
     `where` names the step), except that with fp16 inf/NaN gradients are the GradScaler's business: it
-    skips that step and lowers its scale, as designed."""
+    skips that step and lowers its scale, as designed. Under torchrun the ranks' gradients are summed first
+    (dist.reduce_gradients), and `loss` must be the whole step's (dist.all_reduce), so all ranks agree."""
     if loss is not None:
         check_finite(where, loss=float(loss))
+    dist.reduce_gradients(model.parameters())
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")).item()
     if not scaler.is_enabled():
@@ -219,11 +224,14 @@ def save_checkpoint(path, model, tok, merge_lora=False, **extra):
     """model + its config + the tokenizer spec (+ optimizer, step, config, ... in `extra`, e.g. resume_state()).
     Written to a temporary file and renamed, so an interrupted save never leaves a broken checkpoint. A
     NaN or infinite tensor anywhere in it (weights, optimizer moments, ...) is refused, naming the tensor,
-    and nothing is written: the last good checkpoint at `path` survives.
+    and nothing is written: the last good checkpoint at `path` survives. Under torchrun rank 0 writes it
+    (every rank holds the same weights and optimizer state) and the others return at once.
     A model with LoRA adapters is saved with them (load_checkpoint rebuilds them; a run resumes exactly), or,
     with merge_lora=True (the end of a run, --lora_merge), with them folded into the weights: a plain model that
     every stage and tool reads as any other (the live model keeps its adapters). Such a checkpoint is marked
     "lora_merged" and cannot be resumed as a LoRA run (check_resumable)."""
+    if not dist.is_main():
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
     merge = merge_lora and any(isinstance(m, LoRALinear) for m in model.modules())
@@ -260,9 +268,16 @@ def resume_state(**objs):
     **resume_state(...))). Each named object becomes its state: state_dict() of modules, optimizers, a
     GradScaler, the JsonlLogger (its row count); get_state() of a torch.Generator; getstate() of a
     random.Random; anything else (the step, numbers, lists and dicts of them) is kept as it is. The global
-    torch RNG ("rng", and CUDA's) always comes along. Taking the states draws no random number."""
+    torch RNG ("rng", and CUDA's) always comes along. Taking the states draws no random number. Under torchrun
+    every rank's own global RNG (each draws its own dropout) and its own GPU's are kept too (a collective: every
+    rank calls this, rank 0's checkpoint holds them all)."""
     out = {"rng": torch.get_rng_state(), "resume_script": os.path.basename(sys.argv[0])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if dist.world() > 1:
+        out["rng_ranks"] = dist.all_gather_objects(torch.get_rng_state())
+        if cuda:
+            out["cuda_rng_ranks"] = dist.all_gather_objects(torch.cuda.get_rng_state())
+    elif cuda:
         out["cuda_rng"] = torch.cuda.get_rng_state_all()
     for name, obj in objs.items():
         out[name] = obj.get_state() if isinstance(obj, torch.Generator) else obj.getstate() \
@@ -314,7 +329,11 @@ def restore_state(ckpt, **objs):
             obj.load_state_dict(state)
     if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"].cpu())
-    if "cuda_rng" in ckpt and torch.cuda.is_available():
+    if dist.world() > 1:  # this rank's own, if the checkpoint came from as many ranks (else rank 0's "rng")
+        for key, put in (("rng_ranks", torch.set_rng_state), ("cuda_rng_ranks", torch.cuda.set_rng_state)):
+            if len(ckpt.get(key) or ()) == dist.world() and (key == "rng_ranks" or torch.cuda.is_available()):
+                put(ckpt[key][dist.rank()].cpu())
+    elif "cuda_rng" in ckpt and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
 
 
@@ -421,20 +440,24 @@ class JsonlLogger:
     """One JSON object per line to <out_dir>/metrics.jsonl (NaN and inf written as null). A fresh run starts
     the file anew (a rerun into the same out_dir must not mix two runs); a resumed run (append=True) keeps
     it. Its state is the number of rows: restored from a checkpoint (restore_state), the rows logged after
-    that checkpoint, which a killed run went on to write and the resumed run writes again, are dropped."""
+    that checkpoint, which a killed run went on to write and the resumed run writes again, are dropped.
+    Under torchrun rank 0 writes the file; the other ranks only count their rows."""
 
     def __init__(self, path, append=False):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path, self.rows, self.f = path, 0, None
+        if not dist.is_main():
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if append and os.path.exists(path):
             self.load_state_dict({"rows": None})  # keep every complete row (a torn last one goes)
         else:
             self.f = open(path, "w")
 
     def log(self, **metrics):
-        row = json_safe({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
-        self.f.write(json.dumps(row, allow_nan=False) + "\n")
-        self.f.flush()
+        if self.f is not None:  # None on ranks other than 0
+            row = json_safe({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
+            self.f.write(json.dumps(row, allow_nan=False) + "\n")
+            self.f.flush()
         self.rows += 1
 
     def state_dict(self):
@@ -442,6 +465,9 @@ class JsonlLogger:
 
     def load_state_dict(self, state):
         """Keep the file's first state["rows"] complete rows (None: all), rewritten atomically; append after them."""
+        if not dist.is_main():
+            self.rows = state["rows"]
+            return
         if self.f:
             self.f.close()
         with open(self.path) as f:
@@ -453,6 +479,9 @@ class JsonlLogger:
 
 
 def write_json(path, obj):
-    """obj as indented JSON, NaN and inf as null (json_safe; allow_nan=False makes a bare NaN impossible)."""
+    """obj as indented JSON, NaN and inf as null (json_safe; allow_nan=False makes a bare NaN impossible).
+    Under torchrun rank 0 writes it."""
+    if not dist.is_main():
+        return
     with open(path, "w") as f:
         json.dump(json_safe(obj), f, indent=2, allow_nan=False)
