@@ -36,7 +36,8 @@ max_length_delta = 20  # the release gate's limit on the change of mean response
 # ---- end config
 
 EXTRA = [("length_std", "length std"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
-         ("entropy", "entropy"), ("demo_nll", "demo NLL (alignment tax)")]  # evals.py's keys, where a stage logs them
+         ("entropy", "entropy"), ("demo_nll", "demo NLL (alignment tax)"), ("judge", "judge score"),
+         ("judge_win_rate", "judge win rate vs start")]  # evals.evaluate_policy's keys, where a stage logs them
 
 
 # -------------------------------------------------------------------------- reading
@@ -115,9 +116,9 @@ def method_of(name, run):
 
 
 def eval_points(run):
-    """The (KL to the start policy, held-out gold) points of a policy run, the start first (KL 0). DPO and
-    (once it logs them) any stage with eval/kl: its evaluations; PPO: each evaluation's gold at the KL of
-    the rollouts of that iteration (its held-out evaluation does not measure a KL)."""
+    """The (KL to the start policy, held-out gold) points of a policy run, the start first (KL 0). Every stage
+    that logs eval/kl: its evaluations; a PPO run written before its evaluation measured a KL: each evaluation's
+    gold at the KL of the rollouts of that iteration."""
     s, kind = run["summary"], kind_of(run["summary"])
     start = get(s.get("start"), "gold")
     pts = [(0.0, start)] if start is not None else []
@@ -234,9 +235,9 @@ def markdown(out_dir, runs, bon, times, figures, limit):
     lines += table(["run", "method", "held-out gold", "pass (%)", "KL", "length (tokens)", "win rate vs start",
                     "time"], rows, left=(0, 1))
     if policies:
-        lines += ["KL: nats per response to the start policy (DPO: on 512 held-out samples; PPO: the last "
-                  "iteration's rollouts); empty where the stage does not measure it. Win rate: gold of one policy "
-                  "sample against one start-policy sample per prompt, ties half.", ""]
+        lines += ["KL: nats per response to the start policy on the held-out samples (the k1 estimate; a PPO run "
+                  "without eval/kl: the last iteration's rollouts); empty where the stage does not measure it. Win "
+                  "rate: gold of one policy sample against one start-policy sample per prompt, ties half.", ""]
 
     extra = []
     for n, r in policies.items():
@@ -248,7 +249,9 @@ def markdown(out_dir, runs, bon, times, figures, limit):
         lines += ["### Diversity, entropy and the alignment tax", ""]
         lines += table(["run"] + [label for _, label in EXTRA], extra)
         lines += ["distinct-n: unique n-grams / all n-grams over the held-out samples; demo NLL: mean NLL per token "
-                  "of held-out SFT demonstrations, which no alignment stage trains on (its rise is the tax).", ""]
+                  "of held-out SFT demonstrations, which no alignment stage trains on (its rise is the tax); judge: "
+                  "the mean score of the run's learned judge (its reward model) and its win rate against the start.",
+                  ""]
 
     gates = [(n, gate(r, limit)) for n, r in policies.items()]
     gates = [(n, g) for n, g in gates if g]

@@ -22,7 +22,12 @@ Implementation details:
    scored by the gold scorer; win rate = P(policy's gold > SFT's) + 0.5 P(tie). KL to the reference
    is the mean over the policy's samples of sum_t (log pi - log pi_ref) over the tokens as sampled
    (not the decoded text re-encoded, and no EOS added to an unfinished one), the reference loaded from
-   `init_from` for the evaluation only (always the SFT model, also online, so runs compare).
+   `init_from` for the evaluation only (always the SFT model, also online, so runs compare). The same samples
+   give `evals.evaluate_policy`'s other metrics (pass, eos, length_std, distinct_1/2, entropy, demo_nll: SFT's
+   held-out demonstrations, the alignment tax) and, with --judge=<RM checkpoint> (offline too), judge and
+   judge_win_rate: the reward model's mean score and win rate against the SFT samples. With a data file,
+   val_frac of its prompts are held out (split by prompt, never trained on): the samples are of their prompts
+   (no gold), and the final implicit reward is measured on their pairs (pairs/acc_labels, pairs/margin).
 5. Training is a sequence of rounds, each with its own pairs and reference; offline is one round with
    the fixed data set and the SFT reference. Online (`--online`, iterative DPO, Xu et al. 2023) and
    SPIN (`--spin`, Chen et al. 2024) run `rounds` rounds of max_steps / rounds steps each, so every mode
@@ -66,7 +71,8 @@ Logged metrics (metrics.jsonl), with the usual names:
   pairs/acc_labels, pairs/acc_gold   (summary.json, built-in task) the trained policy's implicit reward
                                beta * log pi/pi_ref (reference: the SFT model) as a reward model on the
                                reward models' held-out pairs: fraction ranked as the label says, and as
-                               the gold scorer does (pairs whose gold differs), as train_rm.py reports
+                               the gold scorer does (pairs whose gold differs), as train_rm.py reports;
+                               a file: on its held-out pairs, labels only. pairs/margin: the mean margin
   round, round/pairs           (online, SPIN; one line per round) the round (1-based) and its fresh pairs
   round/tied_frac              fraction of the round's prompts skipped because best and worst tied
   round/judge_mean             mean judge score of the round's finished samples (online)
@@ -85,9 +91,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import data, dist, feedback, losses, task
-from nanoalign.rewards import (implicit_rewards, logratios, outcome_scores, pair_accuracy, process_score,
-                               response_logprobs, response_tokens, step_scores)
+from nanoalign import data, dist, evals, feedback, losses, task
+from nanoalign.rewards import (implicit_rewards, outcome_scores, pair_accuracy, process_score,
+                               response_logprobs, response_tokens, rm_judge, step_scores)
 from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
                              reference_model, restore_state, resume_checkpoint, resume_state, save_checkpoint,
                              setup_device, step_generator, write_json)
@@ -115,6 +121,7 @@ rounds = 5  # online/spin: rounds of max_steps // rounds steps, each on fresh pa
 k_samples = 4  # online: responses sampled per prompt
 prompts_per_round = 1024  # online/spin: prompts per round (builtin: new train prompts; a file: the next ones)
 judge = "gold"  # online: "gold" or "verify" (built-in task only), "self" (self-rewarding), or a reward-model checkpoint from train_rm.py
+# (a checkpoint, offline too: the evaluation's judge, its win rate of the policy's held-out samples against the SFT's)
 self_judgements = 3  # judge=self: sampled 0-5 scores averaged per response (feedback.pointwise_scores)
 ref_update = "round"  # online/spin: reference = the policy at the round's start ("round") or the SFT ("fixed")
 max_new_tokens = 48  # online/spin: the longest sampled response, in tokens
@@ -129,8 +136,9 @@ warmup_steps = 20  # linear warmup steps
 lr_decay_steps = 0  # steps of the cosine schedule (0: max_steps)
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_interval = 100  # steps between evaluations
-n_eval = 512  # held-out prompts for win rate, KL and length (built-in task)
-n_eval_pairs = 1000  # held-out pairs (built-in task) on which the final implicit reward's ranking is measured
+n_eval = 512  # held-out prompts for win rate, KL and length (built-in task; a file: at most this many of its own)
+n_eval_pairs = 1000  # held-out pairs (built-in task; a file: at most this many) on which the final implicit reward is measured
+val_frac = 0.05  # a data file: about this fraction of its prompts held out for evaluation (split by prompt)
 log_interval = 10  # steps between metrics.jsonl lines
 ckpt_interval = 100  # steps between checkpoints (one is always written at the end)
 resume = False  # continue from <out_dir>/ckpt.pt if it exists (+ online/spin: the round, its pairs and reference)
@@ -157,7 +165,7 @@ if ref_update not in ("round", "fixed"):
 if online and judge in ("gold", "verify") and data_path != "builtin":
     raise SystemExit(f"judge={judge!r} exists only for the built-in task; with a data file, pass a reward-model "
                      f"checkpoint from train_rm.py (--judge=out/rm/ckpt.pt)")
-if online and judge not in ("gold", "verify", "self") and not os.path.isfile(judge):
+if judge not in ("gold", "verify", "self") and not os.path.isfile(judge):
     raise SystemExit(f"judge must be 'gold', 'verify', 'self' or a reward-model checkpoint; {judge!r} is no file")
 REFERENCE_FREE = loss in ("simpo", "orpo")
 n_rounds = max(1, min(rounds, max_steps)) if ONLINE else 1
@@ -185,7 +193,7 @@ T = policy.config.block_size
 # -------------------------------------------------------------------------- data: token sequences
 # seqs[i] = [(ids, response mask) of the first sequence, ... of the second]: chosen and rejected (KTO: the
 # example and a mismatched completion). Offline they are the data set; online and SPIN, the round's pairs.
-seqs, labels = [], None
+seqs, labels, eval_records = [], None, []  # eval_records: a file's held-out pairs (split by prompt)
 if not ONLINE:
     partner = list(range(len(records)))  # kto: example i's mismatched completion, for z0
     if loss == "kto":
@@ -202,15 +210,24 @@ if not ONLINE:
     what = "examples" if loss == "kto" else "pairs"
     skips.report(f"{data_path} {what}")
     data.require(seqs, f"{data_path} ({what})", len(records), skips)
+    if data_path != "builtin":  # hold out pairs by prompt for the evaluation, never trained on
+        held = data.held_out(kept, val_frac, seed, data_path)
+        eval_records = [r for r, h in zip(kept, held) if h]
+        seqs, kept = ([x for x, h in zip(xs, held) if not h] for xs in (seqs, kept))
+        if not seqs:
+            raise SystemExit(f"{data_path}: 1 usable {what[:-1]}, held out for evaluation: none is left to train on")
     labels = torch.tensor([r["label"] for r in kept]) if loss == "kto" else None
-    print(f"{loss}: {len(seqs)} training {what} from {data_path}")
+    print(f"{loss}: {len(seqs)} training {what} from {data_path}"
+          + (f" ({len(eval_records)} held out for evaluation)" if eval_records else ""))
 else:  # a pool of (prompt messages, prompt text for the task's scorers, demonstration for SPIN)
     n_pool = prompts_per_round * n_rounds
     if data_path == "builtin":
         pool = [([{"role": "user", "content": r["prompt"]}], r["prompt"], r["response"])
                 for r in task.sft_records(n_pool, seed)] if spin else \
             [([{"role": "user", "content": p}], p, None) for p in task.prompts(n_pool, seed, split="train")]
-    else:  # the file's distinct prompts, in order (SPIN: with the first chosen response of each)
+    else:  # the file's distinct prompts, in order (SPIN: with the first chosen response of each), but the held-out
+        held = data.held_out(records, val_frac, seed, data_path)
+        eval_records, records = ([r for r, h in zip(records, held) if h == side] for side in (True, False))
         seen, pool = set(), []
         for r in records:
             key = json.dumps(r["prompt"])
@@ -233,7 +250,7 @@ else:  # a pool of (prompt messages, prompt text for the task's scorers, demonst
 def seq_logps(model, batch_seqs, body=None):
     """Sum and mean of response-token log-probs of each (ids, response mask), in one forward. -> [N], [N]."""
     with autocast:
-        return response_logprobs(model, batch_seqs, tok.pad_id, body)
+        return response_logprobs(model, batch_seqs, tok.pad_id, body=body)
 
 
 def flat(idx):
@@ -259,7 +276,7 @@ def best_vs_worst(scores):
 
 
 judge_model, judge_kind = None, None
-if online and judge not in ("gold", "verify", "self"):  # RLAIF: a reward model ranks the samples
+if judge not in ("gold", "verify", "self"):  # RLAIF: a reward model ranks the samples (and judges the evaluation)
     judge_model, judge_tok, judge_ckpt = load_checkpoint(judge, device, expect="scalar", what="--judge")
     check_tokenizers(tok, judge_tok, f"--init_from={init_from}", f"--judge={judge}")
     judge_model.eval().requires_grad_(False)
@@ -427,30 +444,36 @@ def compute_loss(idx, step_idx, z0=None):
 
 
 # -------------------------------------------------------------------------- evaluation
-eval_prompts = task.prompts(n_eval, seed, split="test")
-sft_samples = task.sample_responses(policy, tok, eval_prompts, generator=torch.Generator(device=device).manual_seed(seed),
-                                    **sampling)
-sft_gold = [task.gold(p, t) if e else 0.0 for p, (t, e, _, _) in zip(eval_prompts, sft_samples)]
+if data_path == "builtin":
+    eval_prompts = task.prompts(n_eval, seed, split="test")
+else:  # the held-out pairs' distinct prompts that leave room for a response
+    eval_prompts = list({json.dumps(r["prompt"]): r["prompt"] for r in eval_records
+                         if len(tok.render_prompt(r["prompt"])) + max_new_tokens <= T}.values())[:n_eval]
+    if not eval_prompts:
+        raise SystemExit(f"{data_path}: no held-out prompt leaves room for max_new_tokens={max_new_tokens} in {T}")
+# held-out samples: the SFT policy's once (seed), the policy's at each evaluation (seed + 1); built-in: gold, verifier
+builtin = data_path == "builtin"
+how = dict(gold_fn=task.gold if builtin else None, pass_fn=task.verify if builtin else None,
+           judge=rm_judge(judge_model, tok, judge_kind) if judge_model is not None else None,
+           max_new_tokens=task.MAX_NEW_TOKENS if builtin else max_new_tokens, **sampling)
+demos = task.sft_records(512, seed, split="val") if builtin else None  # the alignment tax
+sft_samples = evals.policy_samples(policy, tok, eval_prompts, seed, **how)
+start = evals.evaluate_policy(policy, tok, sft_samples, demos=demos)  # before a checkpoint is restored: the SFT's
 
 
 @torch.no_grad()
 def evaluate():
-    samples = task.sample_responses(policy, tok, eval_prompts,
-                                    generator=torch.Generator(device=device).manual_seed(seed + 1), **sampling)
-    gold = [task.gold(p, t) if e else 0.0 for p, (t, e, _, _) in zip(eval_prompts, samples)]
-    wins = sum(1.0 if g > s else 0.5 if g == s else 0.0 for g, s in zip(gold, sft_gold)) / len(gold)
+    samples = evals.policy_samples(policy, tok, eval_prompts, seed + 1, **how)
     reference = reference_model(policy, init_from, tokenizer, device)  # for the KL only, freed after
-    kl = logratios(policy, reference, [s[3] for s in samples], tok.pad_id)  # sum_t log pi/pi_ref, sampled tokens
-    return {"eval/win_rate": wins, "eval/kl": kl.mean().item(), "eval/gold": sum(gold) / len(gold),
-            "eval/length": sum(s[2] for s in samples) / len(samples)}
+    return evals.evaluate_policy(policy, tok, samples, sft_samples, reference=reference, demos=demos)
 
 
 # -------------------------------------------------------------------------- training loop
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ckpt = resume_checkpoint(ckpt_path, resume, device)
 logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl"), append=ckpt is not None)
-start = {"eval/gold": sum(sft_gold) / len(sft_gold), "eval/length": sum(s[2] for s in sft_samples) / len(sft_samples)}
-print(f"start: held-out gold {start['eval/gold']:.3f}, length {start['eval/length']:.1f}")
+print("start: held-out " + ", ".join(f"{k[5:]} {start[k]:.3f}" for k in ("eval/gold", "eval/judge", "eval/length")
+                                     if k in start))
 t0, metrics, round_log, steps_done, evaluated_at = time.time(), {}, [], 0, None
 at = 0  # the schedule's step the run is at (steps_done, plus the steps of rounds that had no pairs)
 if ckpt:  # the SFT samples above came from init_from; from here on the policy is the checkpoint's
@@ -521,24 +544,30 @@ if evaluated_at != max_steps:  # the last round(s) had no pairs
     metrics = evaluate()
     logger.log(step=max_steps, **metrics)
 
-if data_path == "builtin":  # the policy as a reward model, on the pairs train_rm.py is measured on
-    held_out = task.preference_records(n_eval_pairs, seed, split="test")
-    msgs = [[{"role": "user", "content": p["prompt"]}] for p in held_out]
+if data_path == "builtin" or (eval_records and loss != "kto"):  # the policy as a reward model, on held-out pairs
+    held_out = data.normalise(task.preference_records(n_eval_pairs, seed, split="test"), "preference") \
+        if data_path == "builtin" else eval_records[:n_eval_pairs]  # built-in: the pairs train_rm.py is measured on
+    msgs = [p["prompt"] for p in held_out]
     reference = reference_model(policy, init_from, tokenizer, device)
     r_c, r_r = (implicit_rewards(policy, reference, tok, msgs, [p[k] for p in held_out], beta)
                 for k in ("chosen", "rejected"))
-    g_c, g_r = (torch.tensor([task.gold(p["prompt"], p[k]) for p in held_out]) for k in ("chosen", "rejected"))
-    metrics["pairs/acc_labels"], metrics["pairs/acc_gold"] = pair_accuracy(r_c, r_r, g_c, g_r)
-    print(f"implicit reward on {len(held_out)} held-out pairs: accuracy vs labels {metrics['pairs/acc_labels']:.3f}, "
-          f"vs gold {metrics['pairs/acc_gold']:.3f}")
+    g_c, g_r = (torch.tensor([task.gold(p["prompt"][-1]["content"], p[k]) for p in held_out])
+                for k in ("chosen", "rejected")) if data_path == "builtin" else (None, None)
+    metrics["pairs/acc_labels"], acc_gold = pair_accuracy(r_c, r_r, g_c, g_r)
+    if acc_gold is not None:
+        metrics["pairs/acc_gold"] = acc_gold
+    metrics["pairs/margin"] = (r_c - r_r).mean().item()  # beta * (log-ratio of chosen - of rejected)
+    print(f"implicit reward on {len(held_out)} held-out pairs: accuracy vs labels {metrics['pairs/acc_labels']:.3f}"
+          + (f", vs gold {acc_gold:.3f}" if acc_gold is not None else "") + f", margin {metrics['pairs/margin']:.3f}")
 
 save(max_steps)
 summary = {"loss": loss, "mode": "online" if online else "spin" if spin else "offline", "steps": steps_done,
-           "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path, "n_eval_prompts": n_eval,
+           "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path, "n_eval_prompts": len(eval_prompts),
            "start": start, "final": metrics}
 if ONLINE:
     summary.update({"judge": judge if online else None, "ref_update": ref_update, "rounds": round_log})
 write_json(os.path.join(out_dir, "summary.json"), summary)
-print(f"held-out: gold win rate vs SFT {metrics['eval/win_rate']:.3f}, KL {metrics['eval/kl']:.2f}, "
-      f"gold {metrics['eval/gold']:.3f}, length {metrics['eval/length']:.1f} (SFT {start['eval/length']:.1f})\n"
-      f"wrote {ckpt_path}")
+shown = [k for k in ("eval/win_rate", "eval/judge_win_rate", "eval/kl", "eval/gold", "eval/judge", "eval/length")
+         if k in metrics]
+print("held-out (SFT -> final): " + "; ".join(f"{k[5:]} " + (f"{start[k]:.3f} -> " if k in start else "")
+                                             + f"{metrics[k]:.3f}" for k in shown) + f"\nwrote {ckpt_path}")

@@ -51,6 +51,10 @@ Logged metrics (metrics.jsonl):
   grad_norm, loss             gradient norm before clipping, the surrogate loss
   eval/pass@1, eval/pass@k    held-out: mean pass rate of k samples per prompt, and the unbiased
                               pass@k estimate (Chen et al. 2021); eval/gold: mean gold score
+  eval/...                    and on the same samples `evals.evaluate_policy`'s: win_rate (gold, built-in: against
+                              the start policy's sample of the same prompt), kl (k1, to the reference), length,
+                              length_std, distinct_1/2, entropy, eos, demo_nll (built-in: SFT's held-out
+                              demonstrations, the alignment tax)
 """
 import os
 import random
@@ -59,7 +63,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import data, dist, task
+from nanoalign import data, dist, evals, task
 from nanoalign.core import model_logprobs, pad, response_positions
 from nanoalign.losses import aggregate, clipped_surrogate, group_advantages, k3_kl
 from nanoalign.rewards import answer_reward, pass_at_k
@@ -196,17 +200,26 @@ def response_logprobs(model, prompt_ids, prompt_mask, resp, resp_mask, with_entr
     return tuple(x[:, Tp - 1:] for x in out) if with_entropy else out[:, Tp - 1:]
 
 
+# held-out samples, eval_k per prompt: the policy's at each evaluation (seed + 1), the start's once (seed; the policy
+# has not trained yet, also when resuming: the checkpoint is restored below), scored by the verifier (and gold)
+eval_flat = [p for p in eval_prompts for _ in range(eval_k)]
+how = dict(pass_fn=pass_fn, gold_fn=task.gold if data_path == "builtin" else None, temperature=temperature,
+           max_new_tokens=max_new_tokens, **sampling)
+demos = task.sft_records(512, seed, split="val") if data_path == "builtin" else None  # the alignment tax
+start_samples = evals.policy_samples(policy, tok, eval_flat, seed, **how)
+
+
 @torch.no_grad()
 def evaluate():
-    flat = [p for p in eval_prompts for _ in range(eval_k)]
-    samples = task.sample_responses(policy, tok, flat, temperature=temperature, max_new_tokens=max_new_tokens,
-                                    generator=torch.Generator(device=device).manual_seed(seed + 1), **sampling)
-    ok = [pass_fn(p, t) if e else 0.0 for p, (t, e, _, _) in zip(flat, samples)]  # no EOS: unfinished, fails
+    samples = evals.policy_samples(policy, tok, eval_flat, seed + 1, **how)
+    ok = samples["pass"]  # no EOS: unfinished, fails
     passed = [int(sum(ok[i * eval_k:(i + 1) * eval_k])) for i in range(len(eval_prompts))]
-    metrics = {"eval/pass@1": sum(passed) / len(flat),
+    metrics = {"eval/pass@1": sum(passed) / len(eval_flat),
                f"eval/pass@{eval_k}": sum(pass_at_k(eval_k, c, eval_k) for c in passed) / len(passed)}
-    if data_path == "builtin":
-        metrics["eval/gold"] = sum(task.gold(p, t) if e else 0.0 for p, (t, e, _, _) in zip(flat, samples)) / len(flat)
+    with torch.random.fork_rng(devices=[]):  # loading builds a GPT first, a draw from the global RNG (dropout's)
+        reference = ref if ref is not None else reference_model(policy, init_from, tokenizer, device)  # the KL only
+    shared = evals.evaluate_policy(policy, tok, samples, start_samples, reference=reference, demos=demos)
+    metrics.update((k, v) for k, v in shared.items() if k != "eval/pass")  # eval/pass is eval/pass@1
     return metrics
 
 

@@ -6,6 +6,7 @@ reference, a frozen reward model and a critic.
     python train_ppo.py --reward_model=out/prm/ckpt.pt    # the process RM as the judge (weakest step)
     python train_ppo.py --reward_model=out/prm/ckpt.pt --init_kl_coef=0 --adaptive_kl=False --out_dir=out/ppo_weak_kl
     python train_ppo.py --critic=shared                   # a value head on the policy's own body
+    python train_ppo.py --data_path=hh.jsonl --init_from=sft-gpt2.pt --reward_model=rm-gpt2.pt   # a file's prompts
 
 The default judge is the outcome RM that the default `python train_rm.py` writes, so the documented
 no-argument commands chain: `train_sft.py`, `train_rm.py`, `train_ppo.py`. The process RM
@@ -74,7 +75,13 @@ Logged metrics (metrics.jsonl, one line per iteration):
   pg_loss, vf_loss     policy and value losses; vf_clipfrac: fraction of values clipped
   explained_var        1 - Var(returns - V) / Var(returns) of the rollout values: is the critic useful?
   len, eos             mean response length (tokens) and fraction of rollouts that ended with EOS
-  eval/gold, eval/pass, eval/length, eval/eos   held-out prompts, one sample each
+  eval/gold, eval/pass, eval/length, eval/eos   held-out prompts, one sample each (gold, pass: built-in task)
+  eval/...             and on the same samples `evals.evaluate_policy`'s: win_rate (gold, vs the SFT policy's sample
+                       of each prompt), judge and judge_win_rate (the reward model's; a process RM's weakest step,
+                       not standardised), kl (k1, to the reference), length_std, distinct_1/2, entropy, demo_nll
+                       (built-in: SFT's held-out demonstrations, the alignment tax)
+With --data_path (any file that holds prompts: SFT, preference, problem, or {"prompt": ...} lines) the file's
+prompts, split by prompt (val_frac held out), replace the built-in ones; there is no gold (logged as null).
 Curves for the over-optimisation picture (kl, rm, gold per iteration) go to curves.csv (and
 curves.png if matplotlib is installed).
 """
@@ -85,13 +92,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import dist, task
+from nanoalign import data, dist, evals, task
 from nanoalign.core import (masked_mean, masked_var, masked_whiten, model_logprobs, pad, per_token_rewards,
                             response_positions, scored_logprobs)
 from nanoalign.heads import ScalarModel
 from nanoalign.losses import adaptive_kl_beta, clipped_surrogate, clipped_value_loss, gae, k3_kl
 from nanoalign.model import fused_adamw
-from nanoalign.rewards import process_score, step_scores
+from nanoalign.rewards import process_score, rm_judge, step_scores
 from nanoalign.sampling import generate
 from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, init_model, load_checkpoint, optimizer_step,
                              reference_model, restore_state, resume_checkpoint, resume_state, save_checkpoint,
@@ -102,6 +109,9 @@ out_dir = "out/ppo"  # checkpoint, metrics.jsonl, curves.csv and summary.json go
 init_from = "out/sft/ckpt.pt"  # the policy to start from, and the frozen reference: a nanoalign .pt or a GPT-2 dir
 tokenizer = ""  # "": a checkpoint's own, GPT-2's for a GPT-2 dir (its vocab.json + merges.txt if there); "gpt2:/path"
 reward_model = "out/rm/ckpt.pt"  # a reward model from train_rm.py, outcome or process (detail 2)
+data_path = "builtin"  # "builtin", or any file holding prompts (SFT, preference, problem, {"prompt": ...} lines)
+val_frac = 0.05  # a data file: about this fraction of its prompts held out for evaluation (split by prompt)
+on_error = "raise"  # malformed records: "raise" (error naming file:line) or "skip" (counted, reported)
 critic = "rm"  # "rm": a separate critic initialised from the reward model; "shared": a value head on the policy
 batch_size = 64  # prompts (one rollout each) per iteration
 max_iters = 100  # iterations (rollout + update)
@@ -148,6 +158,8 @@ os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 device, autocast, scaler = setup_device(device, dtype)
 gen = torch.Generator(device=device).manual_seed(seed)
+# read before the models are loaded, so a bad file fails at once (no torch RNG is used here)
+file_prompts = data.read_prompts(data_path, val_frac, seed, on_error) if data_path != "builtin" else None
 
 # -------------------------------------------------------------------------- the four roles
 policy, tok = init_model(init_from, tokenizer, {}, device, expect="gpt")
@@ -182,9 +194,17 @@ optimizer = torch.optim.AdamW([{"params": [p for p in policy.parameters() if p.r
                                {"params": critic_params, "lr": vf_lr}], betas=(0.9, 0.99), weight_decay=0.0,
                               fused=fused_adamw(device))
 base_lrs = [lr, vf_lr]
-train_prompts = task.prompts(20000, seed, split="train")
-eval_prompts = task.prompts(n_eval, seed, split="test")
-user = lambda text: [{"role": "user", "content": text}]
+if file_prompts is None:
+    train_prompts, eval_prompts = task.prompts(20000, seed, split="train"), task.prompts(n_eval, seed, split="test")
+else:  # message lists; a prompt that leaves no room for max_new_tokens is skipped, never cut
+    fits = lambda ps: [p for p in ps if len(tok.render_prompt(p)) + max_new_tokens <= policy.config.block_size]
+    train_prompts, eval_prompts = fits(file_prompts[0]), fits(file_prompts[1])[:n_eval]
+    print(f"{data_path}: {len(train_prompts)} train and {len(eval_prompts)} held-out prompts (of "
+          f"{len(file_prompts[0])} and {len(file_prompts[1])}: too long for max_new_tokens, or past n_eval)")
+    if not train_prompts or not eval_prompts:
+        raise SystemExit(f"{data_path}: no train or no held-out prompt leaves room for max_new_tokens={max_new_tokens}")
+user = lambda p: [{"role": "user", "content": p}] if isinstance(p, str) else p  # a file's prompts are message lists
+gold_fn = task.gold if file_prompts is None else None  # the hidden gold exists for the built-in task only
 
 
 def forward(ids, mask, Tp, train=False):
@@ -214,10 +234,18 @@ def judge(ids, mask, prompts, texts):
     return ((raw - prm_norm[0]) / prm_norm[1]).to(device)
 
 
+# held-out samples: the policy's at each evaluation (seed: task.evaluate's draws), the start's once (seed + 1, from the
+# reference, which is the start policy, also when resuming); scored by gold and verifier (built-in) and by the RM
+how = dict(gold_fn=gold_fn, pass_fn=task.verify if gold_fn else None, judge=rm_judge(rm, tok, rm_ckpt.get("rm_kind")),
+           temperature=temperature, max_new_tokens=max_new_tokens, **sampling)
+demos = task.sft_records(512, seed, split="val") if gold_fn else None  # the alignment tax: SFT's held-out demos
+start_samples = evals.policy_samples(ref, tok, eval_prompts, seed + 1, **how)
+
+
 @torch.no_grad()
 def evaluate():
-    return {f"eval/{k}": v for k, v in task.evaluate(policy, tok, eval_prompts, temperature=temperature, seed=seed,
-                                                        max_new_tokens=max_new_tokens, **sampling).items()}
+    samples = evals.policy_samples(policy, tok, eval_prompts, seed, **how)
+    return evals.evaluate_policy(policy, tok, samples, start_samples, reference=ref, demos=demos)
 
 
 # -------------------------------------------------------------------------- training loop
@@ -278,7 +306,8 @@ for it in bar:
         adv, returns = gae(rewards, old_values, m, gamma, lam)
         adv = masked_whiten(adv, m)
         explained_var = 1 - masked_var(returns - old_values, m) / masked_var(returns, m).clamp(min=1e-8)
-    gold = torch.tensor([task.gold(p, t) if e else 0.0 for p, t, e in zip(prompts, texts, ended.tolist())])
+    gold = torch.tensor([gold_fn(p, t) if e else 0.0 for p, t, e in zip(prompts, texts, ended.tolist())] if gold_fn
+                        else [float("nan")] * len(prompts))  # a file: no gold
     # 6) epochs of minibatch updates
     for g, base in zip(optimizer.param_groups, base_lrs):
         g["lr"] = base * min(1.0, (it + 1) / warmup_iters)
@@ -352,8 +381,9 @@ if dist.is_main():  # torchrun: rank 0 writes the curves
     except ImportError:
         pass
 summary = {"iters": max_iters, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
-           "n_eval_prompts": n_eval, "start": start, "final": metrics,
+           "n_eval_prompts": len(eval_prompts), "start": start, "final": metrics,
            "last_iter": {k: stats[k] for k in ("rm", "gold", "kl", "beta", "len", "eos")}}
 write_json(os.path.join(out_dir, "summary.json"), summary)
-print(f"held-out gold: {start['eval/gold']:.3f} (SFT) -> {metrics['eval/gold']:.3f}; pass {start['eval/pass']:.3f} -> "
-      f"{metrics['eval/pass']:.3f}; last KL {stats['kl']:.2f}, beta {stats['beta']:.4f}\nwrote {ckpt_path}")
+print("held-out (SFT -> final): " + "; ".join(f"{k[5:]} {start[k]:.3f} -> {metrics[k]:.3f}" for k in (
+    "eval/gold", "eval/pass", "eval/judge", "eval/judge_win_rate", "eval/kl") if k in start and k in metrics)
+      + f"; last KL {stats['kl']:.2f}, beta {stats['beta']:.4f}\nwrote {ckpt_path}")

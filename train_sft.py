@@ -36,6 +36,7 @@ Logged metrics (metrics.jsonl, one JSON object per line):
   gold        mean gold score (0..1) of responses sampled at temperature 1 on held-out prompts
   pass        fraction of those responses with the correct final answer
   length      mean response length in tokens;  eos: fraction of responses that ended with EOS
+  length_std, distinct_1, distinct_2, entropy   of the same samples (`evals.evaluate_policy`; built-in task)
 """
 import json
 import os
@@ -44,7 +45,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import data, dist, task
+from nanoalign import data, dist, evals, task
 from nanoalign.core import model_logprobs, pad
 from nanoalign.losses import sft_loss
 from nanoalign.utils import (JsonlLogger, check_resumable, configure, cosine_lr, init_model, load_checkpoint,
@@ -144,6 +145,14 @@ else:  # the held-out conversations' prompts (all before the final reply), disti
     sample_prompts = list(sample_prompts.values())
 
 
+def sample_eval(prompts):
+    """task.evaluate's samples and scores (gold, pass, length, eos), plus evals.evaluate_policy's length_std,
+    distinct_1/2 and entropy of them (no start policy to compare with: SFT's alignment tax is its val_loss)."""
+    samples = evals.policy_samples(model, tok, prompts, seed, gold_fn=task.gold, pass_fn=task.verify, top_k=top_k,
+                                   top_p=top_p)
+    return evals.evaluate_policy(model, tok, samples, prefix="")
+
+
 def batch_loss(body, examples, n_target_tokens):
     """SFT loss of some examples: their completion-token NLL summed, / the step's completion tokens."""
     ids, _ = pad([e[0] for e in examples], tok.pad_id)
@@ -162,7 +171,7 @@ def evaluate(step):
         total += batch_loss(train_body, val_set[i:i + batch_size], n).item()
     metrics = {"step": step, "val_loss": total}
     if data_path == "builtin":  # the gold scorer exists for the built-in task only
-        metrics.update(task.evaluate(model, tok, eval_prompts, seed=seed, top_k=top_k, top_p=top_p))
+        metrics.update(sample_eval(eval_prompts))
     g = torch.Generator(device=device).manual_seed(seed)  # its own generator: the metrics above are unchanged
     samples = task.sample_responses(model, tok, sample_prompts, max_new_tokens=sample_tokens, generator=g,
                                     top_k=top_k, top_p=top_p) if sample_prompts else []
@@ -195,7 +204,7 @@ def save(step):
 
 # -------------------------------------------------------------------------- training loop
 if start_eval is None and data_path == "builtin":
-    start_eval = task.evaluate(model, tok, test_prompts, seed=seed, top_k=top_k, top_p=top_p)
+    start_eval = sample_eval(test_prompts)
     print(f"start: held-out gold {start_eval['gold']:.3f}, pass {start_eval['pass']:.3f}")
 model.train()
 t0, tokens, last_eval = time.time(), 0, None
@@ -234,7 +243,7 @@ for step in bar:
 summary = {"steps": max_steps, "elapsed_s": round(time.time() - t0, 1), "checkpoint": ckpt_path,
            "val_loss": (last_eval or evaluate(max_steps))["val_loss"]}
 if data_path == "builtin":
-    final_eval = task.evaluate(model, tok, test_prompts, seed=seed, top_k=top_k, top_p=top_p)
+    final_eval = sample_eval(test_prompts)
     summary.update({"n_test_prompts": len(test_prompts), "start": start_eval, "final": final_eval})
     print(f"held-out gold: start {start_eval['gold']:.3f} -> final {final_eval['gold']:.3f}; "
           f"pass: {start_eval['pass']:.3f} -> {final_eval['pass']:.3f}")

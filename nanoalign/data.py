@@ -14,6 +14,8 @@ Files are JSON (one array of records) or JSONL (one record per line). Formats:
                 -> {"prompt": messages, "completion": str, "label": bool}
   problem     {"question": str, "answer": "... #### 42"} (GSM8K) or {"prompt": str, "answer": str}
                 -> {"prompt": messages, "answer": "42"}
+  prompt      the prompt of any of the above, or a bare {"prompt": str | messages}
+                -> {"prompt": messages}   (`read_prompts`: the distinct prompts of a file, for PPO)
 
 Optional fields, kept when present: a preference record's "margin" (a finite number, or null for none:
 that pair's Bradley-Terry margin in train_rm.py) and "p_chosen" (a probability in [0, 1], or null: the
@@ -278,7 +280,34 @@ def parse_problem(rec, where):
     return {"prompt": prompt, "answer": answer}
 
 
-PARSERS = {"sft": parse_sft, "preference": parse_preference, "unpaired": parse_unpaired, "problem": parse_problem}
+def parse_prompt(rec, where):
+    """The prompt of any record that holds one: a preference, unpaired or problem record's prompt, an SFT
+    conversation's turns before its final reply, or a bare {"prompt": str | messages} (or {"messages": [...]}
+    that does not end with an assistant turn) -> {"prompt": messages}."""
+    if "chosen" in rec:
+        return {"prompt": parse_preference(rec, where)["prompt"]}
+    if "answer" in rec:
+        return {"prompt": parse_problem(rec, where)["prompt"]}
+    if "completion" in rec:
+        return {"prompt": parse_unpaired(rec, where)["prompt"]}
+    key = next((k for k in ("messages", "conversations") if k in rec), None)
+    if key is not None:  # a conversation: all of it if it awaits the assistant's reply, else what precedes the reply
+        msgs = _messages(rec[key], where, key)
+        prompt = msgs if msgs and msgs[-1]["role"] != "assistant" else parse_sft(rec, where)["messages"][:-1]
+    elif "response" in rec or "instruction" in rec:  # an SFT record: its prompt
+        prompt = parse_sft(rec, where)["messages"][:-1]
+    elif "prompt" in rec:
+        prompt = _messages(rec["prompt"], where, "prompt")
+    else:
+        raise DataError(f"{where}: no prompt in it: expected a prompt, SFT, preference or problem record "
+                        f"(has {sorted(rec)})")
+    if not prompt:
+        raise DataError(f"{where}: empty prompt")
+    return {"prompt": prompt}
+
+
+PARSERS = {"sft": parse_sft, "preference": parse_preference, "unpaired": parse_unpaired, "problem": parse_problem,
+           "prompt": parse_prompt}
 
 
 def load(path, kind, on_error="raise"):
@@ -302,24 +331,47 @@ def normalise(records, kind, name="records"):
     return [Record(PARSERS[kind](r, f"{name}[{i}]"), f"{name}[{i}]") for i, r in enumerate(records)]
 
 
-def split_by_prompt(records, val_frac, seed, name="records"):
-    """File records -> (train, val), split by a hash of the prompt as the built-in task is split
-    (task.split_of), so records that share a prompt are on the same side: a prompt is held out when
-    crc32(its JSON) / 2^32 < val_frac (about val_frac of the prompts; at least one, and never all).
-    The prompt of an SFT conversation is everything before its final reply. Both sides keep a seeded
-    shuffle. A file with a single prompt cannot be split by prompt: its records are split (said so)."""
+def held_out(records, val_frac, seed, name="records"):
+    """Which file records a split by prompt holds out: a list of bools, in the records' order. A prompt is held
+    out when crc32(its JSON) / 2^32 < val_frac (about val_frac of the prompts; at least one, and never all),
+    as the built-in task is split (task.split_of), so records that share a prompt are on the same side.
+    The prompt of an SFT conversation is everything before its final reply. A file with a single prompt
+    cannot be split by prompt: max(1, val_frac of) its records are held out, seeded (said so)."""
     keys = [json.dumps(r["prompt"] if "prompt" in r else r["messages"][:-1], sort_keys=True) for r in records]
     h = {k: zlib.crc32(k.encode()) / 2 ** 32 for k in keys}
     ranked = sorted(h, key=h.get)
     n_held = min(max(1, sum(v < val_frac for v in h.values())), len(ranked) - 1)
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
     if n_held < 1:  # one prompt: hold out max(1, val_frac of the records), as a split by record would
         print(f"{name}: every record has the same prompt, so the held-out records share it with training")
-        n_val = max(1, int(len(records) * val_frac))
-        return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        held = set(order[:max(1, int(len(records) * val_frac))])
+        return [i in held for i in range(len(records))]
     held = set(ranked[:n_held])
-    return [records[i] for i in order if keys[i] not in held], [records[i] for i in order if keys[i] in held]
+    return [k in held for k in keys]
+
+
+def split_by_prompt(records, val_frac, seed, name="records"):
+    """File records -> (train, val) by `held_out`, each side in a seeded shuffle."""
+    held = held_out(records, val_frac, seed, name)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in order if not held[i]], [records[i] for i in order if held[i]]
+
+
+def read_prompts(path, val_frac, seed, on_error="raise"):
+    """The distinct prompts (chat-message lists) of any file that holds prompts: SFT, preference, unpaired or
+    problem records, or bare {"prompt": str | messages} lines (`parse_prompt`), split by prompt as
+    `held_out` does. -> (train prompts, held-out prompts), each in the file's order. DataError if the file has
+    fewer than two distinct prompts (nothing would be left to train on, or to evaluate on)."""
+    distinct = {}
+    for r in load(path, "prompt", on_error)[0]:
+        distinct.setdefault(json.dumps(r["prompt"], sort_keys=True), r)
+    records = list(distinct.values())
+    if len(records) < 2:
+        raise DataError(f"{path}: {len(records)} distinct prompt: a split into train and held-out prompts needs two")
+    held = held_out(records, val_frac, seed, path)
+    return [r["prompt"] for r, h in zip(records, held) if not h], [r["prompt"] for r, h in zip(records, held) if h]
 
 
 # ------------------------------------------------------------------------------ tokenisation

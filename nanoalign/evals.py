@@ -6,11 +6,16 @@ alignment tax (held-out demonstration NLL), and the release gate that decides wh
 The sample statistics are pure functions of what a stage already sampled and scored (`sample_metrics`
 bundles them), so calling them draws no random numbers and changes nothing a stage computes. The two
 that need a model (`mean_entropy`, `demonstration_nll`) run it under no_grad in eval mode.
+
+What a stage calls at each evaluation: `policy_samples` draws and scores one response per held-out prompt
+with a generator of its own, once for the start policy and at every evaluation for the policy, and
+`evaluate_policy` turns the policy's samples, paired with the start's, into the metrics every stage logs.
 """
 import torch
 
+from nanoalign import task
 from nanoalign.core import model_logprobs, pad
-from nanoalign.rewards import response_tokens
+from nanoalign.rewards import logratios, response_tokens
 
 
 def _units(sample):
@@ -138,6 +143,84 @@ def sample_metrics(responses, lengths=None, gold=None, passed=None, start_gold=N
         out["kl"] = sum(kl) / len(kl)
     if entropy is not None:
         out["entropy"] = float(entropy)
+    return {prefix + k: v for k, v in out.items()}
+
+
+def policy_samples(model, tok, prompts, seed, gold_fn=None, pass_fn=None, judge=None, temperature=1.0,
+                   max_new_tokens=task.MAX_NEW_TOKENS, top_k=None, top_p=None, batch_size=64):
+    """One response per prompt (a user-message string or a list of chat messages) from `model`, sampled with a
+    generator of its own seeded with `seed`, never one the training draws from: evaluating changes no training
+    sample. Then scored by the scorers given (each optional):
+
+      gold_fn(prompt, text) -> float     the gold scorer (built-in task: task.gold)          unfinished: 0
+      pass_fn(prompt, text) -> 0 or 1    the verifier (task.verify, rewards.answer_reward)   unfinished: 0, fails
+      judge(messages, texts) -> floats   a learned judge (rewards.rm_judge), finished only   unfinished: None
+
+    A sample without EOS is unfinished (task.evaluate's rule). -> a dict of per-sample lists: "text", "ended",
+    "length" (tokens, the EOS counted), "seq" (the tokens exactly as sampled, `task.sample_responses`' 4th
+    field), "gold" / "pass" / "judge" for the scorers given, and "temperature", the one evaluate_policy then
+    scores log-probs at. With the same arguments the same model gives the same samples."""
+    g = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed)
+    drawn = task.sample_responses(model, tok, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, generator=g, top_k=top_k, top_p=top_p)
+    s = {"text": [d[0] for d in drawn], "ended": [d[1] for d in drawn], "length": [d[2] for d in drawn],
+         "seq": [d[3] for d in drawn], "temperature": temperature}
+    for name, fn in (("gold", gold_fn), ("pass", pass_fn)):
+        if fn is not None:
+            s[name] = [fn(p, t) if e else 0.0 for p, t, e in zip(prompts, s["text"], s["ended"])]
+    if judge is not None:  # a judge reads the EOS (an outcome RM) or needs whole steps: finished samples only
+        done = [i for i, e in enumerate(s["ended"]) if e]
+        msgs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+        scores = judge([msgs[i] for i in done], [s["text"][i] for i in done]) if done else []
+        s["judge"] = [None] * len(prompts)
+        for i, x in zip(done, scores):
+            s["judge"][i] = float(x)
+    return s
+
+
+@torch.no_grad()
+def evaluate_policy(policy, tok, samples, start=None, reference=None, demos=None, batch_size=64, prefix="eval/"):
+    """The evaluation every stage logs: the policy's held-out samples (`policy_samples`), paired prompt by
+    prompt with the start policy's (`start`: policy_samples of the start, on the same prompts with the same
+    scorers, drawn once since the start does not change; None: no win rates). -> {prefix + name: float}:
+
+      length, length_std, distinct_1, distinct_2   `sample_metrics` of the responses' token ids (EOS included)
+      eos                                          the fraction of samples that ended with EOS
+      gold, pass                                   the mean gold score and the pass rate (if scored)
+      win_rate                                     `win_rate(gold, start's gold)`: P(gold > start's) + 0.5 P(tie)
+      judge                                        the judge's mean score of the finished samples (nan if none)
+      judge_win_rate                               its win rate against the start's, an unfinished sample ranked
+                                                   below every finished one (ties with another unfinished)
+      kl (reference given)                         mean over samples of sum_t [log pi(y_t|.) - log pi_ref(y_t|.)]
+                                                   on the tokens as sampled (`rewards.logratios`): the k1 estimator,
+                                                   unbiased for the sequence-level KL(pi || pi_ref), noisy, can be < 0
+      entropy                                      `mean_entropy` of the samples
+      demo_nll (demos given)                       `demonstration_nll` of demos: the alignment tax, measured on the
+                                                   start too (evaluate it as the policy there), its rise is the tax
+
+    Log-probs (kl, entropy) are float32 at the samples' temperature, of the full softmax even when top-k/top-p
+    filtered the sampling: the reference's filtered set need not hold a sampled token (an infinite KL). The
+    policy runs in eval mode (restored after); nothing here draws a random number."""
+    was_training = policy.training
+    policy.eval()
+    temperature, n = samples["temperature"], len(samples["seq"])
+    responses = [ids[len(ids) - k:] for (ids, _), k in zip(samples["seq"], samples["length"])]
+    out = sample_metrics(responses, samples["length"], samples.get("gold"), samples.get("pass"),
+                         start["gold"] if start is not None and "gold" in samples else None,
+                         entropy=mean_entropy(policy, samples["seq"], tok.pad_id, temperature, batch_size), prefix="")
+    out["eos"] = sum(samples["ended"]) / n
+    if "judge" in samples:
+        done = [x for x in samples["judge"] if x is not None]
+        out["judge"] = sum(done) / len(done) if done else float("nan")
+        if start is not None:
+            ranked = lambda scores: [float("-inf") if x is None else x for x in scores]  # unfinished: last
+            out["judge_win_rate"] = win_rate(ranked(samples["judge"]), ranked(start["judge"]))
+    if reference is not None:  # train_dpo.py's eval/kl, the same sum in the same order
+        out["kl"] = logratios(policy, reference, samples["seq"], tok.pad_id, batch_size=batch_size,
+                              temperature=temperature).mean().item()
+    if demos is not None:
+        out["demo_nll"] = demonstration_nll(policy, tok, demos, batch_size)
+    policy.train(was_training)
     return {prefix + k: v for k, v in out.items()}
 
 

@@ -19,15 +19,15 @@ def response_tokens(tok, prompt, response):
     return p + r, [0] * len(p) + [1] * len(r)
 
 
-def response_logprobs(model, seqs, pad_id, body=None):
+def response_logprobs(model, seqs, pad_id, temperature=1.0, body=None):
     """Sum and mean of the response-token log-probs of each (ids, response mask) from `response_tokens`,
-    in one right-padded forward (no attention mask needed), float32. -> ([N], [N]). Differentiable: DPO
-    trains through it. The LM head runs at the response tokens only (`core.model_logprobs`); `body` is
-    the function computing hidden states (default model.body)."""
+    in one right-padded forward (no attention mask needed), float32, at `temperature`. -> ([N], [N]).
+    Differentiable: DPO trains through it. The LM head runs at the response tokens only
+    (`core.model_logprobs`); `body` is the function computing hidden states (default model.body)."""
     ids, _ = pad([s[0] for s in seqs], pad_id)
     m, _ = pad([s[1] for s in seqs], 0)
     ids, m = ids.to(model.lm_head.weight.device), m[:, 1:].to(model.lm_head.weight.device)
-    logp = model_logprobs(model, ids, m, body=body)
+    logp = model_logprobs(model, ids, m, temperature=temperature, body=body)
     return sequence_logprob(logp, m), sequence_logprob(logp, m, average=True)
 
 
@@ -90,15 +90,16 @@ def implicit_rewards(policy, ref, tok, prompts, responses, beta=1.0, batch_size=
 
 
 @torch.no_grad()
-def logratios(policy, ref, seqs, pad_id, beta=1.0, batch_size=64):
+def logratios(policy, ref, seqs, pad_id, beta=1.0, batch_size=64, temperature=1.0):
     """beta * (log pi(y|x) - log pi_ref(y|x)) of tokenised sequences, (ids, response mask) pairs as
-    `response_tokens` or `task.sample_responses` make them (ref=None: beta * log pi(y|x)). On the policy's
-    own samples its mean estimates KL(pi || pi_ref) (times beta). -> [N], float32, on the CPU."""
+    `response_tokens` or `task.sample_responses` make them (ref=None: beta * log pi(y|x)), both at `temperature`.
+    On the policy's own samples (drawn at that temperature) its mean estimates KL(pi || pi_ref) (times beta).
+    -> [N], float32, on the CPU."""
     out = []
     for i in range(0, len(seqs), batch_size):
-        logp = response_logprobs(policy, seqs[i:i + batch_size], pad_id)[0]
+        logp = response_logprobs(policy, seqs[i:i + batch_size], pad_id, temperature)[0]
         if ref is not None:
-            logp = logp - response_logprobs(ref, seqs[i:i + batch_size], pad_id)[0]
+            logp = logp - response_logprobs(ref, seqs[i:i + batch_size], pad_id, temperature)[0]
         out.append((beta * logp).cpu())
     return torch.cat(out)
 
@@ -119,6 +120,15 @@ def process_score(step_probs, reduce="min"):
     if len(step_probs) == 0:
         return 0.0
     return float(step_probs.min() if reduce == "min" else step_probs.prod())
+
+
+def rm_judge(rm, tok, kind="outcome"):
+    """A reward model of train_rm.py as a judge: a callable (prompts as message lists, response texts) -> a
+    list of scores, an outcome RM's normalised reward at the EOS or a process RM's weakest step probability
+    (kind "process"; not standardised, so its scale is not PPO's rollout score's)."""
+    if kind == "process":
+        return lambda prompts, texts: [process_score(s) for s in step_scores(rm, tok, prompts, texts)]
+    return lambda prompts, texts: outcome_scores(rm, tok, prompts, texts).tolist()
 
 
 def best_of_n(scores):

@@ -37,10 +37,12 @@ TOL, STAT_TOL = 1e-5, 1e-4
 
 
 def run_here(script, *args):
-    """`python script *args` in this process (the same code and numbers, without importing torch again)."""
-    argv, hook, cwd, rng = sys.argv, sys.excepthook, os.getcwd(), torch.get_rng_state()
+    """`python script *args` in this process (the same code and numbers, without importing torch again), on one
+    thread as each rank runs: a thread count is a summation order, and Adam makes rounding visible (see TOL)."""
+    argv, hook, cwd, rng, threads = sys.argv, sys.excepthook, os.getcwd(), torch.get_rng_state(), torch.get_num_threads()
     sys.argv = [script, "--device=cpu", *map(str, args)]
     os.chdir(ROOT)
+    torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(io.StringIO()) as out:
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
@@ -48,6 +50,7 @@ def run_here(script, *args):
         sys.argv, sys.excepthook = argv, hook
         os.chdir(cwd)
         torch.set_rng_state(rng)
+        torch.set_num_threads(threads)
     return out.getvalue()
 
 

@@ -107,10 +107,6 @@ SMALL = {  # appended after the recipe's own settings (a later --key=value wins)
     "grpo": "--max_steps=2 --prompts_per_step=2 --group_size=2 --warmup_steps=1 --eval_interval=2 --ckpt_interval=2 "
             "--n_eval=2 --eval_k=1 --max_new_tokens=4",
 }
-# TODO(merge): PPO --data_path (and its --on_error). Until train_ppo.py reads prompts from a file, PPO runs here
-# without those two flags, on the built-in prompts.
-PPO_PENDING = {k for k in ("data_path", "on_error")
-               if not re.search(rf"^{k} = ", open(os.path.join(ROOT, "train_ppo.py")).read(), re.M)}
 
 
 def literal(v):
@@ -143,8 +139,6 @@ def run(tmp_path_factory):
     stdout = {}
     for stage, command in gpt2_recipe(**paths):
         argv = shlex.split(command) + CPU.split() + SMALL[stage].split()
-        if stage == "ppo":
-            argv = [a for a in argv if a[2:].partition("=")[0] not in PPO_PENDING]
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"{stage}: {' '.join(argv)}\n{r.stderr[-3000:]}"
         stdout[stage] = r.stdout
@@ -192,9 +186,7 @@ def test_the_documented_recipe_is_the_tested_one():
     blocks = []
     for path in [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
         blocks += re.findall(r"<!-- python -m nanoalign\.recipe -->\n```bash\n(.*?)\n```", open(path).read(), re.S)
-    if not blocks:
-        pytest.skip("TODO(merge): the docs section 'A recipe for GPT-2' with its marked shell block is not there yet")
-    assert all(b == render(gpt2_recipe()) for b in blocks)
+    assert blocks and all(b == render(gpt2_recipe()) for b in blocks)
 
 
 # ------------------------------------------------------------------------------ each stage, on its data
@@ -206,8 +198,7 @@ def test_every_stage_ran_the_recipes_settings_with_the_gpt2_tokenizer(run):
     for stage, command in gpt2_recipe(**paths):
         model, tok, ckpt = load_checkpoint(os.path.join(paths["out"], stage, "ckpt.pt"))
         assert tok.spec == {"kind": "gpt2", "path": paths["gpt2"]} and model.config.vocab_size == tok.n_vocab == 50262
-        overridden = set(flags("x " + CPU)) | set(flags("x " + SMALL[stage])) | \
-            (PPO_PENDING if stage == "ppo" else set())
+        overridden = set(flags("x " + CPU)) | set(flags("x " + SMALL[stage]))
         for k, v in flags(command).items():
             if k not in overridden:
                 assert ckpt["config"][k] == literal(v), (stage, k)
@@ -260,8 +251,9 @@ def test_dpo_trains_on_the_hh_pairs_against_the_sft_reference(run):
     assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     s = summary(paths, "dpo")
     assert s["mode"] == "offline" and s["steps"] == 2 and math.isfinite(s["final"]["eval/kl"])
-    # TODO(merge): the held-out HH pairs' implicit-reward accuracy and margin, and the held-out prompts' sample
-    # metrics, once train_dpo.py evaluates on the file (today its evaluation samples the built-in task's prompts)
+    # held out by prompt: the pairs' implicit-reward accuracy and margin, the prompts' samples (no gold on a file)
+    assert 0 <= s["final"]["pairs/acc_labels"] <= 1 and math.isfinite(s["final"]["pairs/margin"])
+    assert {"eval/length", "eval/distinct_1", "eval/distinct_2"} <= set(s["final"]) and "eval/gold" not in s["final"]
 
 
 def test_ppo_is_judged_by_the_recipes_reward_model(run):
@@ -272,7 +264,9 @@ def test_ppo_is_judged_by_the_recipes_reward_model(run):
     assert [m["iter"] for m in metrics(paths, "ppo")] == [1, 2]
     # (a random GPT-2 seldom ends a response within 4 tokens, and a rollout without EOS scores --no_eos_score
     # whatever the RM says: the RM's own scores are checked on the held-out pairs above)
-    # TODO(merge): PPO --data_path: then also the held-out HH prompts' RM score, KL, length and RM win rate
+    s = summary(paths, "ppo")  # on the held-out HH prompts: the RM's score and win rate, KL, length; no gold
+    assert math.isfinite(s["final"]["eval/kl"]) and 0 <= s["final"]["eval/judge_win_rate"] <= 1
+    assert "eval/length" in s["final"] and "eval/gold" not in s["final"]
 
 
 def test_grpo_pass_at_1_is_on_held_out_gsm8k_problems(run):
