@@ -40,7 +40,6 @@ Details:
    model: what the pipelines give if the model had learned its feedback skills as well as its teachers.
 """
 import json
-import math
 import os
 import random
 
