@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from nanoalign.heads import ScalarModel
 from nanoalign.model import write_safetensors
 
 
@@ -40,3 +41,12 @@ def write_gpt2_tokenizer_files(path, merges=(("Ġ", "t"), ("h", "e"), ("Ġt", "h
     os.replace(path / "vocab.bpe", path / "merges.txt")
     os.remove(path / "gpt2.tiktoken")
     return encoder
+
+
+def random_head_rm(gpt, std=1.0, seed=0):
+    """An untrained outcome RM on `gpt`'s body whose scores still differ between responses: the head drawn from
+    N(0, std^2) after torch.manual_seed(seed) (the global generator, as the tests that use it always did)."""
+    rm = ScalarModel(gpt)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(rm.head.weight, std=std)
+    return rm

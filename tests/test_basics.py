@@ -20,7 +20,7 @@ from nanoalign.tokenizer import byte_tokenizer, get_tokenizer
 from nanoalign.utils import (CheckpointError, init_model, load_checkpoint, reference_model, resume_checkpoint,
                              save_checkpoint)
 
-from helpers import write_gpt2_dir
+from helpers import random_head_rm, write_gpt2_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -197,9 +197,7 @@ def test_grpo_accumulation_and_grad_ckpt_are_the_same_step(tmp_path, sft_ckpt, a
 @pytest.fixture(scope="module")
 def outcome_rm(sft_ckpt, tmp_path_factory):
     gpt, tok, _ = load_checkpoint(sft_ckpt)
-    rm = ScalarModel(gpt)
-    torch.manual_seed(0)
-    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    rm = random_head_rm(gpt)
     path = str(tmp_path_factory.mktemp("rm") / "ckpt.pt")
     save_checkpoint(path, rm, tok, rm_kind="outcome")
     return path

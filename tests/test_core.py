@@ -308,3 +308,11 @@ def test_model_logprobs_scores_only_the_marked_positions_under_any_padding():
     g_full = torch.autograd.grad(full.sum(), model.transformer.wte.weight)[0]
     g_ours = torch.autograd.grad(ours.sum(), model.transformer.wte.weight)[0]
     assert torch.allclose(g_full, g_ours, atol=1e-5, rtol=0)
+
+
+def test_response_positions_hand_case():
+    """Prompts in the first Tp = 3 slots (left-padded), then responses: position t scores ids[t + 1], so the
+    response tokens' targets sit at positions Tp - 1 .. and a response's padding is never scored."""
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0],    # prompt of 2, response of 2 (then padding)
+                         [1, 1, 1, 1, 1, 1]]).bool()  # prompt of 3, response of 3
+    assert core.response_positions(mask, 3).int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]

@@ -14,6 +14,8 @@ from nanoalign.heads import ScalarModel
 from nanoalign.losses import adaptive_kl_beta, clipped_surrogate, clipped_value_loss, gae
 from nanoalign.utils import load_checkpoint, save_checkpoint
 
+from helpers import random_head_rm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -129,9 +131,7 @@ def test_adaptive_kl_moves_beta_the_right_way():
 def rm_ckpts(sft_ckpt, tmp_path_factory):
     """(Untrained, non-trivial) outcome and process reward models on the tiny SFT body."""
     gpt, tok, _ = load_checkpoint(sft_ckpt)
-    rm = ScalarModel(gpt)
-    torch.manual_seed(0)
-    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    rm = random_head_rm(gpt)
     rm.gain.fill_(2.0), rm.bias.fill_(-0.5)
     paths = {}
     for kind in ("outcome", "process"):

@@ -13,11 +13,12 @@ import torch
 
 from nanoalign import data, evals, task
 from nanoalign.core import token_logprobs
-from nanoalign.heads import ScalarModel
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.rewards import implicit_rewards, response_tokens, rm_judge
 from nanoalign.tokenizer import byte_tokenizer
 from nanoalign.utils import load_checkpoint, save_checkpoint
+
+from helpers import random_head_rm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,9 +152,7 @@ def ckpts(sft_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage_evals")
     gpt, tok, _ = load_checkpoint(sft_ckpt)
     save_checkpoint(str(root / "policy.pt"), eos_prone(gpt, tok), tok)
-    rm = ScalarModel(copy.deepcopy(gpt))
-    torch.manual_seed(0)
-    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    rm = random_head_rm(copy.deepcopy(gpt))
     save_checkpoint(str(root / "rm.pt"), rm, tok, rm_kind="outcome")
     return str(root / "policy.pt"), str(root / "rm.pt")
 
