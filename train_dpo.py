@@ -91,7 +91,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import data, dist, evals, feedback, losses, task
+from nanoalign import data, dist, evals, feedback, losses, online_pairs, task
 from nanoalign.rewards import (implicit_rewards, outcome_scores, pair_accuracy, process_score,
                                response_logprobs, response_tokens, rm_judge, step_scores)
 from nanoalign.utils import (JsonlLogger, check_tokenizers, configure, cosine_lr, init_model, load_checkpoint, optimizer_step,
@@ -259,22 +259,6 @@ def flat(idx):
 
 
 # -------------------------------------------------------------------------- online and SPIN: fresh pairs
-def best_vs_worst(scores):
-    """Online pairing. `scores`: for each prompt, its k samples' judge scores (-inf: unfinished).
-    -> (pairs, n_tied): (prompt index, index of the best sample, index of the worst) for every prompt whose
-    best scores higher than its worst (the first best and the first worst in sample order), and the
-    number of prompts skipped because all their scores tie (no preference to learn)."""
-    pairs, tied = [], 0
-    for i, s in enumerate(scores):
-        best = max(range(len(s)), key=lambda j: s[j])
-        worst = min(range(len(s)), key=lambda j: s[j])
-        if s[best] > s[worst]:
-            pairs.append((i, best, worst))
-        else:
-            tied += 1
-    return pairs, tied
-
-
 judge_model, judge_kind = None, None
 if judge not in ("gold", "verify", "self"):  # RLAIF: a reward model ranks the samples (and judges the evaluation)
     judge_model, judge_tok, judge_ckpt = load_checkpoint(judge, device, expect="scalar", what="--judge")
@@ -301,37 +285,13 @@ def judge_scores(msgs, prompt_texts, texts, r=0):
 
 
 def make_pairs(r):
-    """Round r's pairs from the current policy's samples. -> (pairs as seqs, round metrics)."""
+    """Round r's pairs from the current policy's samples (online.round_pairs). -> (pairs as seqs, round metrics)."""
     chunk = [pool[(r * prompts_per_round + i) % len(pool)] for i in range(min(prompts_per_round, len(pool)))]
-    k = 1 if spin else k_samples
-    rows = [c for c in chunk for _ in range(k)]  # prompt i's samples are rows i*k .. i*k + k-1
-    samples = task.sample_responses(policy, tok, [c[0] for c in rows], max_new_tokens=max_new_tokens, batch_size=256,
-                                    generator=torch.Generator(device=device).manual_seed(seed * 1000 + r), **sampling)
-    texts, ended = [s[0] for s in samples], [s[1] for s in samples]  # s[3]: the tokens exactly as sampled
-    stats = {"round": r + 1, "round/eos_frac": sum(ended) / len(samples), "round/ref_update": ref_update}
-    if data_path == "builtin":
-        stats["round/gold_mean"] = sum(task.gold(c[1], t) if e else 0.0 for c, t, e in zip(rows, texts, ended)) / len(rows)
-    if spin:
-        new, tied = [], 0
-        for (msgs, _, demo), (text, e, _, seq) in zip(chunk, samples):
-            if e and text == demo:  # the policy reproduced the demonstration: nothing to push apart
-                tied += 1
-            else:
-                new.append([response_tokens(tok, msgs, demo), seq])
-    else:
-        scores = judge_scores([c[0] for c in rows], [c[1] for c in rows], texts, r)
-        finished = [s for s, e in zip(scores, ended) if e]
-        stats["round/judge_mean"] = sum(finished) / len(finished) if finished else 0.0
-        ranked = [s if e else float("-inf") for s, e in zip(scores, ended)]  # unfinished: below everything
-        pairs, tied = best_vs_worst([ranked[i * k:(i + 1) * k] for i in range(len(chunk))])
-        new = [[samples[i * k + b][3], samples[i * k + w][3]] for i, b, w in pairs]
-        if data_path == "builtin":  # how often the judge's best-vs-worst order is gold's (pairs whose gold differs)
-            g = [(task.gold(chunk[i][1], texts[i * k + b]), task.gold(chunk[i][1], texts[i * k + w]) if ended[i * k + w]
-                  else 0.0) for i, b, w in pairs]
-            hits = [x > y for x, y in g if x != y]
-            stats["round/judge_gold_acc"] = sum(hits) / len(hits) if hits else float("nan")
-    stats.update({"round/pairs": len(new), "round/tied_frac": tied / len(chunk)})
-    return new, stats
+    judge_fn = None if spin else (lambda msgs, prompt_texts, texts: judge_scores(msgs, prompt_texts, texts, r))
+    new, stats = online_pairs.round_pairs(policy, tok, chunk, judge_fn, 1 if spin else k_samples, max_new_tokens,
+                                          torch.Generator(device=device).manual_seed(seed * 1000 + r),
+                                          data_path == "builtin", **sampling)
+    return new, {"round": r + 1, **stats, "round/ref_update": ref_update}
 
 
 # -------------------------------------------------------------------------- the reference

@@ -86,7 +86,7 @@ on_error = "raise"  # malformed records: "raise" (error naming file:line) or "sk
 truncate = "skip"  # sequences longer than block_size: "skip" (counted), "raise", or "left" (cut the prompt's start)
 margin = 0.0  # Bradley-Terry margin for pairs that carry no "margin" field
 center_coef = 0.0  # reward centering: + center_coef * mean((r_c + r_r)^2)
-top_blocks = 2  # outcome: new blocks between the (then frozen) body and the head, fed log p(token) (detail 7)
+top_blocks = 2  # new blocks between the (then frozen) body and the head, fed log p(token) (detail 7)
 batch_size = 32  # pairs (outcome) or responses (process) per micro-batch
 grad_accum = 1  # micro-batches per optimizer step (a step: batch_size x grad_accum)
 max_steps = 600  # optimizer steps
@@ -134,8 +134,6 @@ else:  # split by prompt: pairs that share a prompt are all train or all held ou
 
 # -------------------------------------------------------------------------- model
 gpt, tok = init_model(init_from, tokenizer, {}, device)
-if kind == "process":
-    top_blocks = config["top_blocks"] = 0  # the process RM reads each step's result on the body (detail 4)
 rm = ScalarModel(gpt, top_blocks).to(device)
 if lora_rank:  # the body's adapters train, not its weights (the head and any new blocks are new: they train)
     gpt.add_lora(lora_rank, lora_alpha)

@@ -1,30 +1,18 @@
 """Helpers shared by test files: a tiny random GPT-2 directory in the published layout, with or without its own
 tokenizer files."""
 import itertools
-import json
 import os
 
 import torch
 
 from nanoalign.heads import ScalarModel
-from nanoalign.model import write_safetensors
+from nanoalign.recipe import write_random_gpt2
 
 
 def write_gpt2_dir(path, C=8, V=50257, P=128, n_layer=1, n_head=2, seed=0):
     """A tiny random GPT-2 in the published layout (config.json + model.safetensors, Conv1D weights [in, out])."""
     path.mkdir()
-    json.dump({"vocab_size": V, "n_positions": P, "n_embd": C, "n_layer": n_layer, "n_head": n_head},
-              open(path / "config.json", "w"))
-    g = torch.Generator().manual_seed(seed)
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    for i in range(n_layer):
-        shapes.update({f"h.{i}.{k}": s for k, s in {
-            "ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-            "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
-            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-            "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
-            "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}.items()})
-    write_safetensors({k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}, path / "model.safetensors")
+    write_random_gpt2(path, C, n_layer, n_head, P, V, std=0.1, seed=seed)
 
 
 def write_gpt2_tokenizer_files(path, merges=(("Ġ", "t"), ("h", "e"), ("Ġt", "he")), n_merges=50000):

@@ -1,5 +1,4 @@
 """train_dpo.py online (iterative DPO) and SPIN: the pairing rule, tiny end-to-end runs, the round's reference."""
-import ast
 import json
 import math
 import os
@@ -7,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+
+from nanoalign.online_pairs import best_vs_worst
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 rounds of 2 steps; lr high and no warmup so that one round visibly moves the policy
@@ -24,17 +25,7 @@ def run_dpo(out, sft_ckpt, *args, ok=True):
     return [l for l in lines if "round" in l], [l for l in lines if "loss" in l], json.load(open(os.path.join(out, "summary.json")))
 
 
-def script_function(name):
-    """A pure function of train_dpo.py, compiled alone (importing the script would run it)."""
-    tree = ast.parse(open(os.path.join(ROOT, "train_dpo.py")).read())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    ns = {}
-    exec(compile(ast.Module([fn], type_ignores=[]), "train_dpo.py", "exec"), ns)
-    return ns[name]
-
-
 def test_best_vs_worst_pairs_and_skips_ties():
-    best_vs_worst = script_function("best_vs_worst")
     inf = math.inf
     scores = [[0.2, 0.9, 0.5, 0.1],  # best 1, worst 3
               [0.5, 0.5, 0.5, 0.5],  # all tie: skipped

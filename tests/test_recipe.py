@@ -277,3 +277,29 @@ def test_grpo_pass_at_1_is_on_held_out_gsm8k_problems(run):
     assert all(0 <= x["eval/pass@1"] <= 1 for x in (s["start"], s["final"]))
     rewards = [m["reward"] for m in metrics(paths, "grpo") if "reward" in m]
     assert len(rewards) == 2 and all(0 <= r <= 1 for r in rewards)
+
+
+# ------------------------------------------------------------------------------ --time_steps: its two pieces
+
+def test_head_records_cuts_each_format(tmp_path):
+    from nanoalign.recipe import head_records
+    arr, lines = tmp_path / "a.json", tmp_path / "b.jsonl.gz"
+    arr.write_text(json.dumps([{"i": i} for i in range(5)]))
+    with gzip.open(lines, "wt") as f:
+        f.write("".join(json.dumps({"i": i}) + "\n" for i in range(5)))
+    head_records(str(arr), str(tmp_path / "a2.json"), 2)
+    head_records(str(lines), str(tmp_path / "b2.jsonl.gz"), 3)
+    assert json.loads((tmp_path / "a2.json").read_text()) == [{"i": 0}, {"i": 1}]
+    with gzip.open(tmp_path / "b2.jsonl.gz", "rt") as f:
+        assert [json.loads(line) for line in f] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_time_stage_times_the_rows_after_the_first(tmp_path):
+    """A command that writes a metrics row, then one every 0.4 s: 0.4 s per step (the slow start left out)."""
+    from nanoalign.recipe import time_stage
+    rows = tmp_path / "metrics.jsonl"
+    script = ("import sys, time; time.sleep(1.0); f = open(sys.argv[1], 'w')\n"
+              "for i in range(3):\n    f.write('{}\\n'); f.flush(); time.sleep(0.4)")
+    per_step, rss, rc = time_stage(f"-c {shlex.quote(script)} {rows}", str(rows), 3)
+    assert rc == 0 and 0.3 < per_step < 0.6 and rss > 1
+    assert time_stage("-c 'raise SystemExit(3)'", str(rows), 3)[2] == 3
