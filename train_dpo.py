@@ -32,7 +32,7 @@ Implementation details:
    the fixed data set and the SFT reference. Online (`--online`, iterative DPO, Xu et al. 2023) and
    SPIN (`--spin`, Chen et al. 2024) run `rounds` rounds of max_steps / rounds steps each, so every mode
    takes the same number of optimizer steps; the learning-rate schedule and the optimizer state run
-   on across rounds. At the start of a round:
+   on across rounds. At the start of a round (`online_pairs.round_pairs`):
    - online: sample k_samples responses per prompt from the current policy (KV-cache sampler,
      temperature 1); the judge scores them (the gold scorer, the verifier, the policy itself with
      feedback.py's pointwise prompt (--judge=self: self-rewarding, Yuan et al. 2024), or a reward model from
