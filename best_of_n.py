@@ -17,7 +17,8 @@ import torch
 
 from nanoalign import task
 from nanoalign.rewards import best_of_n, implicit_rewards, outcome_scores, process_score, step_scores
-from nanoalign.utils import CheckpointError, check_tokenizers, configure, load_checkpoint, setup_device, write_json
+from nanoalign.utils import (CheckpointError, check_tokenizers, configure, load_checkpoint, run_path, setup_device,
+                             write_json)
 
 # ---- config (override with --key=value or a config file; --help lists them)
 policy = "out/sft/ckpt.pt"  # the policy that samples the candidates
@@ -74,7 +75,8 @@ if prm:
 if dpo:
     dpo_policy, dpo_tok, dpo_ckpt = load_checkpoint(dpo, device, expect="gpt", what="--dpo")
     check_tokenizers(tok, dpo_tok, f"--policy={policy}", f"--dpo={dpo}")
-    dpo_ref = load_checkpoint(dpo_ckpt["config"]["init_from"], device, expect="gpt", what="--dpo's init_from")[0]
+    ref_path = run_path(dpo_ckpt, dpo_ckpt["config"]["init_from"])  # relative to where DPO ran, not to here
+    dpo_ref = load_checkpoint(ref_path, device, expect="gpt", what="--dpo's init_from")[0]
     judges["dpo implicit"] = implicit_rewards(dpo_policy.eval(), dpo_ref.eval(), tok, messages, texts)
 judges["gold (ceiling)"] = gold
 

@@ -152,7 +152,8 @@ def time_stages(stages, steps, device, out):
         if rc:
             raise SystemExit(f"{stage} failed (exit {rc}); its command: {command}")
         rows.append((stage, per_step, rss))
-        print(f"{stage}: {per_step:.1f} s/step, peak RSS {rss / 1024:.2f} GB", flush=True)
+        print(f"{stage}: {per_step:.1f} s per {'iteration' if stage == 'ppo' else 'step'}, peak RSS {rss / 1024:.2f} GB",
+              flush=True)
     return rows
 
 
@@ -189,5 +190,5 @@ if __name__ == "__main__":
     for path, short in zip((alpaca, hh, gsm8k), cut):
         head_records(path, short, time_records)
     rows = time_stages(gpt2_recipe(gpt2, *cut, out), time_steps, time_device, out)
-    print("| stage | seconds per step | peak RSS (GB) |\n| --- | ---: | ---: |")
+    print("| stage | seconds per step (PPO: per iteration) | peak RSS (GB) |\n| --- | ---: | ---: |")
     print("\n".join(f"| {stage} | {t:.1f} | {rss / 1024:.2f} |" for stage, t, rss in rows))

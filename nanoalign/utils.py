@@ -238,6 +238,7 @@ def save_checkpoint(path, model, tok, merge_lora=False, **extra):
     state = {"model": merged_state_dict(model) if merge else model.state_dict(),
              "model_config": {**asdict(model.config), **({"lora_rank": 0} if merge else {})},
              "tokenizer": tok.spec, "kind": kind, **({"top_blocks": len(model.top)} if kind == "scalar" else {}),
+             "cwd": os.getcwd(),  # where the config's relative paths point (run_path)
              **({"lora_merged": {"rank": model.config.lora_rank, "alpha": model.config.lora_alpha}} if merge else {}),
              **extra}
     bad = nonfinite_tensor(state)
@@ -245,6 +246,15 @@ def save_checkpoint(path, model, tok, merge_lora=False, **extra):
         raise SystemExit(f"refusing to write {path}: {bad} is not finite (NaN or inf); the file there is kept")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def run_path(ckpt, path):
+    """A path from a checkpoint's config (e.g. its init_from) as the run that wrote it meant it: a relative path
+    is relative to the directory that run was started in, not to today's (if it is there: a checkpoint copied
+    to another machine, or older than the "cwd" field, gets the path as it is)."""
+    if not path or os.path.isabs(path) or not os.path.exists(os.path.join(ckpt.get("cwd", ""), path)):
+        return path
+    return os.path.join(ckpt.get("cwd", ""), path)
 
 
 def nonfinite_tensor(obj, name=""):

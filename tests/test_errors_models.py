@@ -209,3 +209,22 @@ def test_a_missing_default_input_says_which_command_makes_it(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_dpo.py"), "--device=cpu"], cwd=tmp_path,
                        capture_output=True, text=True)
     assert_one_line_error(r, "--init_from=out/sft/ckpt.pt: no such file: run `python train_sft.py` first")
+
+
+def test_run_path_resolves_a_checkpoints_relative_paths_where_the_run_was(tmp_path, monkeypatch):
+    """A checkpoint's config holds init_from as typed; read from another directory it must still mean the run's."""
+    from nanoalign.utils import run_path
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (run_dir / "out" / "sft").mkdir(parents=True)
+    (run_dir / "out" / "sft" / "ckpt.pt").write_text("x")
+    elsewhere.mkdir()
+    monkeypatch.chdir(run_dir)
+    tok = get_tokenizer("byte")
+    save_checkpoint(str(run_dir / "ckpt.pt"), GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=1, n_head=1, n_embd=8,
+                                                           block_size=8)), tok, config={"init_from": "out/sft/ckpt.pt"})
+    monkeypatch.chdir(elsewhere)
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["cwd"] == str(run_dir)
+    assert run_path(ckpt, ckpt["config"]["init_from"]) == str(run_dir / "out/sft/ckpt.pt")
+    assert run_path(ckpt, "/abs/x.pt") == "/abs/x.pt" and run_path({}, "out/sft/ckpt.pt") == "out/sft/ckpt.pt"
+    assert run_path(ckpt, "missing.pt") == "missing.pt"  # not there: as it is (a checkpoint moved elsewhere)
