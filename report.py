@@ -283,8 +283,8 @@ def markdown(out_dir, runs, bon, times, figures, limit):
 
     if bon:
         ns = sorted({int(k) for row in bon["table"].values() for k in row})
-        lines += ["## Best-of-N", "", f"Gold score (pass rate) of the response each judge keeps among N samples "
-                  f"of the start policy; KL is the analytic log N - (N-1)/N.", ""]
+        lines += ["## Best-of-N", "", "Gold score (pass rate) of the response each judge keeps among N samples "
+                  "of the start policy; KL is the analytic log N - (N-1)/N.", ""]
         rows = [[judge] + [f"{row[str(k)]['gold']:.3f} ({100 * row[str(k)]['pass']:.0f}%)" if str(k) in row else ""
                            for k in ns] for judge, row in bon["table"].items()]
         rows.append(["KL (nats)"] + [f"{best_of_n_kl_bound(k):.2f}" for k in ns])
