@@ -36,6 +36,7 @@ def round_pairs(policy, tok, chunk, judge_scores, k, max_new_tokens, generator, 
     round/gold_mean (unfinished: 0) and, online, round/judge_gold_acc (how often gold orders a pair as the judge
     did, of the pairs whose gold differs). An unfinished sample ranks below every finished one; a SPIN sample
     that reproduced its demonstration is skipped (counted as tied)."""
+    assert judge_scores is not None or k == 1, "SPIN takes one sample per prompt"
     rows = [c for c in chunk for _ in range(k)]  # prompt i's samples are rows i*k .. i*k + k-1
     samples = task.sample_responses(policy, tok, [c[0] for c in rows], max_new_tokens=max_new_tokens, batch_size=256,
                                     generator=generator, **sampling)

@@ -177,13 +177,23 @@ if __name__ == "__main__":
     if not time_steps:
         print(render(gpt2_recipe(gpt2, alpaca, hh, gsm8k, out)))
         raise SystemExit
+    if time_steps < 2:
+        raise SystemExit(f"error: --time_steps={time_steps}: at least 2 (the first step, with its warm-up, is not timed)")
+    missing = [f"--{k}={v}" for k, v in (("alpaca", alpaca), ("hh", hh), ("gsm8k", gsm8k)) if not os.path.isfile(v)]
+    if gpt2 != "random" and not (os.path.isfile(gpt2) or os.path.isfile(os.path.join(gpt2, "config.json"))):
+        missing.append(f"--gpt2={gpt2} (a GPT-2 directory's config.json, a checkpoint, or random)")
+    names = next((n for n in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+                  if all(os.path.isfile(os.path.join(vocab, x)) for x in n)), None) if vocab else None
+    if vocab and names is None:
+        missing.append(f"--vocab={vocab} (encoder.json + vocab.bpe, or vocab.json + merges.txt)")
+    if missing:
+        raise SystemExit("error: no such file: " + ", ".join(missing))
     if gpt2 == "random":  # GPT-2 124M's shapes, random weights, GPT-2's tokenizer files beside them if given
         gpt2 = os.path.join(out, "gpt2-random")
         write_random_gpt2(gpt2, **GPT2_124M)
-        for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-            if vocab:
-                with open(os.path.join(vocab, src)) as f, open(os.path.join(gpt2, dst), "w") as g:
-                    g.write(f.read())
+        for src, dst in zip(names or (), ("vocab.json", "merges.txt")):  # the names a GPT-2 directory uses
+            with open(os.path.join(vocab, src)) as f, open(os.path.join(gpt2, dst), "w") as g:
+                g.write(f.read())
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     cut = [os.path.join(out, "data", f"{name}-{os.path.basename(path)}")
            for name, path in (("alpaca", alpaca), ("hh", hh), ("gsm8k", gsm8k))]

@@ -303,3 +303,17 @@ def test_time_stage_times_the_rows_after_the_first(tmp_path):
     per_step, rss, rc = time_stage(f"-c {shlex.quote(script)} {rows}", str(rows), 3)
     assert rc == 0 and 0.3 < per_step < 0.6 and rss > 1
     assert time_stage("-c 'raise SystemExit(3)'", str(rows), 3)[2] == 3
+
+
+def test_time_steps_refuses_what_it_cannot_time(tmp_path):
+    """One step cannot be timed (the first is warm-up); missing files are named at once, before anything runs."""
+    def recipe(*args):
+        return subprocess.run([sys.executable, "-m", "nanoalign.recipe", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+    r = recipe("--time_steps=1")
+    assert r.returncode == 1 and "at least 2" in r.stderr and "Traceback" not in r.stderr
+    r = recipe("--time_steps=3", f"--gpt2={tmp_path}/none", f"--vocab={tmp_path}", f"--out={tmp_path}/out")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    for name in ("--alpaca=alpaca_data.json", "--hh=", "--gsm8k=", f"--gpt2={tmp_path}/none", f"--vocab={tmp_path}"):
+        assert name in r.stderr, (name, r.stderr)
+    assert not (tmp_path / "out").exists()
